@@ -1,0 +1,281 @@
+"""The ``persona-guard`` command line."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from guard.layers import LayerError
+from guard.models import ModelLoadError
+from guard.traits import TraitError
+from guard.vectors import VectorFileError, VectorMismatchError
+
+console = Console()
+err_console = Console(stderr=True)
+USER_ERRORS = (ModelLoadError, TraitError, VectorFileError, VectorMismatchError, LayerError, ValueError)
+
+
+def friendly_errors(func):
+    """Turn our own error types into one clean message and exit status 1 instead of a traceback."""
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except USER_ERRORS as exc:
+            raise click.ClickException(str(exc)) from exc
+    return wrapper
+
+
+def emit_json(data) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="persona-guard")
+def main():
+    """Keep a language model's character from drifting while it is finetuned.
+
+    A persona vector is a direction in the model's residual stream that tracks a trait such as
+    sycophancy. Start by extracting one (the embedded SmolLM2-135M-Instruct is used when no
+    --model is given), then look at it:
+
+    \b
+        persona-guard extract --trait sycophancy --out vectors/sycophancy.safetensors
+        persona-guard inspect vectors/sycophancy.safetensors
+        persona-guard traits list
+    """
+
+
+# -- extract ------------------------------------------------------------------------------
+@main.command()
+@click.option("--trait", "trait_name", required=True,
+              help="A shipped trait name (see `persona-guard traits list`) or the path of your own trait .json.")
+@click.option("--model", "model_id", default=None,
+              help="Hugging Face hub id or local directory. Default: the embedded SmolLM2-135M-Instruct.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Where to write the vector file. Default: vectors/<trait>.safetensors")
+@click.option("--fast", is_flag=True, help="Quick preset: first 10 questions, answers of up to 48 tokens (about a minute on CPU).")
+@click.option("--samples", type=click.IntRange(min=1), default=None, help="Rollouts per (pair, question, polarity).")
+@click.option("--questions", type=click.IntRange(min=1), default=None, help="Use only the first N extraction questions.")
+@click.option("--pairs", type=click.IntRange(min=1), default=None, help="Use only the first N instruction pairs.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, help="Length cap of each generated answer.")
+@click.option("--temperature", type=click.FloatRange(min=0), default=None, help="Sampling temperature (0 = greedy).")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None, help="Nucleus sampling mass.")
+@click.option("--seed", type=int, default=None, help="Sampling seed (runs are reproducible).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Generation batch size.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda:0.")
+@click.option("--layer-path", default=None,
+              help="Dotted path of the decoder-block ModuleList when auto-discovery fails (e.g. model.layers).")
+@click.option("--responses", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write every generated answer (with its polarity and kept flag) to this JSONL file.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow the model repository's own Python code to run.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary instead of the table.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@friendly_errors
+def extract(trait_name, model_id, out_path, fast, samples, questions, pairs, max_new_tokens, temperature, top_p,
+            seed, batch_size, dtype, device, layer_path, responses, trust_remote_code, as_json, quiet):
+    """Extract a persona vector for every layer of a model.
+
+    The model answers the trait's extraction questions under each trait-positive and
+    trait-negative system prompt; the vector at layer i is the mean response-token activation
+    (output of decoder block i) of positive answers minus that of negative answers. The file is
+    safetensors with JSON metadata: model fingerprint, layer convention, settings, counts, norms.
+
+    The per-layer table shows each vector's norm and the in-sample effect size (Cohen's d of the
+    positive vs negative answers projected on it): how cleanly that layer separates the two.
+    """
+    from dataclasses import replace
+
+    from guard.extract import ExtractionConfig, extract_vector
+    from guard.models import load_model
+    from guard.traits import load_trait
+
+    trait = load_trait(trait_name)
+    config = ExtractionConfig.preset("fast" if fast else "default")
+    sampling = config.sampling
+    sampling = replace(sampling, **{k: v for k, v in dict(max_new_tokens=max_new_tokens, temperature=temperature,
+                                                          top_p=top_p, seed=seed).items() if v is not None})
+    config = replace(config, sampling=sampling, layer_path=layer_path,
+                     **{k: v for k, v in dict(samples_per_prompt=samples, max_questions=questions, max_pairs=pairs,
+                                              generation_batch_size=batch_size).items() if v is not None})
+    out_path = out_path or Path("vectors") / f"{trait.name}.safetensors"
+    say = (lambda message: None) if as_json or quiet else (lambda message: err_console.print(f"[dim]{message}[/dim]"))
+
+    started = time.perf_counter()
+    say(f"loading {model_id or 'the embedded SmolLM2-135M-Instruct'}")
+    model, tokenizer, name = load_model(model_id, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    result = extract_vector(model, tokenizer, trait, config, progress=not (quiet or as_json), log=say)
+    vector = result.vector
+    vector.meta.extra["wall_seconds"] = round(time.perf_counter() - started, 1)
+    vector.save(out_path)
+    if responses:
+        responses.parent.mkdir(parents=True, exist_ok=True)
+        with responses.open("w", encoding="utf-8") as f:
+            for sample in result.samples:
+                f.write(json.dumps(sample.__dict__, ensure_ascii=False) + "\n")
+    if as_json:
+        emit_json({"path": str(out_path), **vector.meta.to_dict()})
+    else:
+        print_vector_summary(vector, out_path)
+
+
+# -- inspect ------------------------------------------------------------------------------
+@main.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print metadata, norms and cosines as JSON.")
+@friendly_errors
+def inspect(files, as_json):
+    """Show what a vector file holds: metadata and per-layer norms.
+
+    Given two or more files of the same model, also prints the per-layer cosine similarity
+    between every pair (traits that share a direction move together under finetuning).
+    """
+    from guard.vectors import PersonaVector
+
+    vectors = [PersonaVector.load(path) for path in files]
+    cosines = {}
+    for i in range(len(vectors)):
+        for j in range(i + 1, len(vectors)):
+            key = f"{files[i].name} vs {files[j].name}"
+            cosines[key] = [round(float(c), 4) for c in vectors[i].cosine(vectors[j])]
+    if as_json:
+        emit_json({"vectors": [{"path": str(p), **v.meta.to_dict()} for p, v in zip(files, vectors)],
+                   "cosine": cosines})
+        return
+    for path, vector in zip(files, vectors):
+        print_vector_summary(vector, path)
+    if cosines:
+        table = Table(title="Cosine similarity per layer")
+        table.add_column("layer", justify="right")
+        for key in cosines:
+            table.add_column(key, justify="right")
+        for layer in range(vectors[0].num_layers):
+            table.add_row(str(layer), *[f"{values[layer]:+.3f}" for values in cosines.values()])
+        console.print(table)
+
+
+def print_vector_summary(vector, path) -> None:
+    meta = vector.meta
+    console.print(f"[bold]{meta.trait}[/bold] vector  ->  {path}")
+    console.print(f"  model        {meta.model_name}  (fingerprint {meta.model_fingerprint}, {meta.model_type})")
+    console.print(f"  shape        {meta.num_layers} layers x {meta.hidden_size}   convention: "
+                  f"{meta.layer_convention} (layer i = output of decoder block i)   positions: {meta.positions}")
+    if meta.counts:
+        c = meta.counts
+        console.print(f"  answers      positive {c.get('pos_kept')}/{c.get('pos_generated')} kept, negative "
+                      f"{c.get('neg_kept')}/{c.get('neg_generated')} kept, "
+                      f"mean length {c.get('mean_response_tokens')} tokens")
+    if "wall_seconds" in meta.extra:
+        console.print(f"  time         {meta.extra['wall_seconds']} s")
+    effect = meta.layer_stats.get("effect_size") or [float("nan")] * meta.num_layers
+    norms = vector.norms().tolist()
+    best = max(range(len(effect)), key=lambda i: effect[i] if effect[i] == effect[i] else float("-inf"))
+    table = Table(show_edge=False, pad_edge=False)
+    table.add_column("layer", justify="right")
+    table.add_column("norm", justify="right")
+    table.add_column("effect size d", justify="right")
+    table.add_column("")
+    top = max((e for e in effect if e == e), default=1.0) or 1.0
+    for layer, (norm, d) in enumerate(zip(norms, effect)):
+        bar = "#" * max(0, int(round(20 * d / top))) if d == d else ""
+        mark = "  <- best separation" if layer == best else ""
+        if meta.recommended_layer == layer:
+            mark += "  (recommended)"
+        table.add_row(str(layer), f"{norm:.3f}", f"{d:.2f}", bar + mark)
+    console.print(table)
+
+
+# -- traits -------------------------------------------------------------------------------
+@main.group()
+def traits():
+    """List, show and validate trait definitions.
+
+    A trait file is JSON with instruction pairs (trait-positive / trait-negative system
+    prompts), extraction questions, disjoint evaluation questions, a 0-100 judge rubric with
+    {question} and {answer} placeholders, and paired example answers. Pass your own file to
+    `extract --trait path/to/trait.json`.
+    """
+
+
+@traits.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def traits_list(as_json):
+    """The traits shipped with persona-guard."""
+    from guard.traits import list_traits, load_trait
+
+    rows = []
+    for name in list_traits():
+        t = load_trait(name)
+        rows.append({"name": name, "pairs": len(t.instruction_pairs), "extraction_questions": len(t.extraction_questions),
+                     "evaluation_questions": len(t.evaluation_questions), "examples": len(t.examples),
+                     "description": t.description})
+    if as_json:
+        emit_json(rows)
+        return
+    table = Table()
+    for column in ("name", "pairs", "extraction_questions", "evaluation_questions", "examples"):
+        table.add_column(column.replace("_", " "), justify="left" if column == "name" else "right")
+    for row in rows:
+        table.add_row(row["name"], *(str(row[k]) for k in ("pairs", "extraction_questions", "evaluation_questions", "examples")))
+    console.print(table)
+
+
+@traits.command("show")
+@click.argument("trait")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole trait definition as JSON.")
+@friendly_errors
+def traits_show(trait, as_json):
+    """Show a trait (name or file): description, prompts and sample questions."""
+    from guard.traits import load_trait
+
+    t = load_trait(trait)
+    if as_json:
+        emit_json(t.to_dict())
+        return
+    console.print(f"[bold]{t.name}[/bold]: {t.description}\n")
+    for i, pair in enumerate(t.instruction_pairs):
+        console.print(f"[green]pos {i}[/green] {pair.pos}\n[red]neg {i}[/red] {pair.neg}")
+    console.print(f"\n{len(t.extraction_questions)} extraction questions, e.g. {t.extraction_questions[0]!r}")
+    console.print(f"{len(t.evaluation_questions)} evaluation questions, e.g. {t.evaluation_questions[0]!r}")
+    console.print(f"{len(t.examples)} example pairs")
+
+
+@traits.command("validate")
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+def traits_validate(files, as_json):
+    """Check trait files against the schema; lists every problem and exits 1 if any file is invalid."""
+    from guard.traits import load_trait
+
+    report = []
+    for path in files:
+        try:
+            t = load_trait(path)
+            report.append({"path": path, "valid": True, "name": t.name, "problems": []})
+        except TraitError as exc:
+            report.append({"path": path, "valid": False, "problems": str(exc).splitlines()[1:] or [str(exc)]})
+    if as_json:
+        emit_json(report)
+    else:
+        for entry in report:
+            if entry["valid"]:
+                console.print(f"[green]ok[/green]      {entry['path']} ({entry['name']})")
+            else:
+                console.print(f"[red]invalid[/red] {entry['path']}")
+                for problem in entry["problems"]:
+                    console.print(f"        {problem.strip()}")
+    if not all(entry["valid"] for entry in report):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+"""persona-guard: persona vectors for monitoring and protecting a model's character during finetuning.
+
+Data flow: model + trait -> vectors -> (monitor | screen | steer | harden).
+
+    >>> from guard import load_model, load_trait, extract_vector
+    >>> model, tokenizer, _ = load_model()              # embedded SmolLM2-135M-Instruct
+    >>> result = extract_vector(model, tokenizer, load_trait("sycophancy"))
+    >>> result.vector.save("sycophancy.safetensors")
+"""
+
+__version__ = "0.1.0"
+
+from .extract import ExtractionConfig, extract_vector
+from .generation import SamplingConfig
+from .layers import LAYER_CONVENTION, add_vectors, capture, find_decoder_layers
+from .models import load_model
+from .traits import Trait, list_traits, load_trait
+from .vectors import PersonaVector, VectorMismatchError
+
+__all__ = [
+    "ExtractionConfig", "LAYER_CONVENTION", "PersonaVector", "SamplingConfig", "Trait", "VectorMismatchError",
+    "__version__", "add_vectors", "capture", "extract_vector", "find_decoder_layers", "list_traits", "load_model",
+    "load_trait",
+]

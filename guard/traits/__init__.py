@@ -1,0 +1,169 @@
+"""Trait definitions: instruction pairs, questions, a judge rubric and paired example responses.
+
+A trait file is JSON with these keys (see ``sycophancy.json`` for a full example):
+
+``name``                  short identifier, e.g. ``"sycophancy"``
+``description``           what displaying the trait means
+``instruction_pairs``     ``[{"pos": <system prompt eliciting it>, "neg": <system prompt suppressing it>}]``
+``extraction_questions``  user messages answered under both prompts to build the vector
+``evaluation_questions``  held-out user messages, disjoint from the extraction ones
+``judge_rubric``          judge prompt with ``{question}`` and ``{answer}``, scoring 0-100
+``examples``              ``[{"question", "trait", "non_trait"}]`` paired responses for judge-free checks
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import string
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+
+REQUIRED_KEYS = ("name", "description", "instruction_pairs", "extraction_questions",
+                 "evaluation_questions", "judge_rubric", "examples")
+# What we hold our shipped traits to; user traits only need one of each.
+SHIPPED_MINIMUMS = {"instruction_pairs": 5, "extraction_questions": 20, "evaluation_questions": 20}
+
+
+class TraitError(ValueError):
+    """A trait file is missing, malformed or inconsistent; the message lists every problem."""
+
+
+@dataclass(frozen=True)
+class InstructionPair:
+    pos: str
+    neg: str
+
+
+@dataclass(frozen=True)
+class Example:
+    question: str
+    trait: str
+    non_trait: str
+
+
+@dataclass(frozen=True)
+class Trait:
+    name: str
+    description: str
+    instruction_pairs: tuple[InstructionPair, ...]
+    extraction_questions: tuple[str, ...]
+    evaluation_questions: tuple[str, ...]
+    judge_rubric: str
+    examples: tuple[Example, ...] = field(default_factory=tuple)
+    source: str = ""
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data.pop("source")
+        return data
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def judge_prompt(self, question: str, answer: str) -> str:
+        return self.judge_rubric.format(question=question, answer=answer)
+
+
+def _problems(data) -> list[str]:
+    if not isinstance(data, dict):
+        return ["the file must hold a JSON object"]
+    problems = [f"missing key {key!r}" for key in REQUIRED_KEYS if key not in data]
+    problems += [f"unknown key {key!r}" for key in data if key not in REQUIRED_KEYS]
+
+    def strings(key):
+        value = data.get(key)
+        if not isinstance(value, list) or not value:
+            problems.append(f"{key!r} must be a non-empty list")
+            return []
+        bad = [i for i, s in enumerate(value) if not isinstance(s, str) or not s.strip()]
+        if bad:
+            problems.append(f"{key!r}: entries {bad} are not non-empty strings")
+        dupes = sorted({s for s in value if isinstance(s, str) and value.count(s) > 1})
+        if dupes:
+            problems.append(f"{key!r}: duplicated entries {dupes[:3]}")
+        return [s for s in value if isinstance(s, str)]
+
+    for key in ("name", "description", "judge_rubric"):
+        if key in data and (not isinstance(data[key], str) or not data[key].strip()):
+            problems.append(f"{key!r} must be a non-empty string")
+    extraction = strings("extraction_questions")
+    evaluation = strings("evaluation_questions")
+    overlap = set(extraction) & set(evaluation)
+    if overlap:
+        problems.append(f"extraction and evaluation questions must be disjoint; shared: {sorted(overlap)[:3]}")
+
+    pairs = data.get("instruction_pairs")
+    if not isinstance(pairs, list) or not pairs:
+        problems.append("'instruction_pairs' must be a non-empty list of {\"pos\": ..., \"neg\": ...}")
+    else:
+        for i, pair in enumerate(pairs):
+            if not isinstance(pair, dict) or set(pair) != {"pos", "neg"} or not all(
+                    isinstance(v, str) and v.strip() for v in pair.values()):
+                problems.append(f"instruction_pairs[{i}] must be {{\"pos\": str, \"neg\": str}} with non-empty strings")
+
+    rubric = data.get("judge_rubric")
+    if isinstance(rubric, str):
+        try:
+            fields = {f for _, f, _, _ in string.Formatter().parse(rubric) if f is not None}
+        except ValueError as exc:
+            problems.append(f"judge_rubric is not a valid format string ({exc}); write literal braces as {{{{ }}}}")
+        else:
+            if fields != {"question", "answer"}:
+                problems.append("judge_rubric must use exactly the placeholders {question} and {answer}, "
+                                f"found {sorted(fields)}")
+
+    examples = data.get("examples")
+    if not isinstance(examples, list):
+        problems.append("'examples' must be a list of {\"question\", \"trait\", \"non_trait\"}")
+    else:
+        for i, ex in enumerate(examples):
+            if not isinstance(ex, dict) or set(ex) != {"question", "trait", "non_trait"} or not all(
+                    isinstance(v, str) and v.strip() for v in ex.values()):
+                problems.append(f"examples[{i}] must be {{\"question\", \"trait\", \"non_trait\"}} with non-empty strings")
+    return problems
+
+
+def parse_trait(data, source: str = "<dict>", shipped: bool = False) -> Trait:
+    """Validate a trait mapping and build a :class:`Trait`; raises :class:`TraitError` listing all problems."""
+    problems = _problems(data)
+    if shipped and not problems:
+        problems += [f"{key!r} has {len(data[key])} entries; shipped traits need at least {n}"
+                     for key, n in SHIPPED_MINIMUMS.items() if len(data[key]) < n]
+    if problems:
+        raise TraitError(f"invalid trait {source}:\n  - " + "\n  - ".join(problems))
+    return Trait(
+        name=data["name"].strip(),
+        description=data["description"].strip(),
+        instruction_pairs=tuple(InstructionPair(p["pos"], p["neg"]) for p in data["instruction_pairs"]),
+        extraction_questions=tuple(data["extraction_questions"]),
+        evaluation_questions=tuple(data["evaluation_questions"]),
+        judge_rubric=data["judge_rubric"],
+        examples=tuple(Example(**ex) for ex in data["examples"]),
+        source=source,
+    )
+
+
+def list_traits() -> list[str]:
+    """Names of the traits shipped with persona-guard."""
+    return sorted(p.name[:-5] for p in resources.files(__name__).iterdir() if p.name.endswith(".json"))
+
+
+def load_trait(name_or_path: str | Path) -> Trait:
+    """Load a shipped trait by name, or a user trait from a JSON file path."""
+    path = Path(name_or_path)
+    shipped = False
+    if path.suffix != ".json" or not path.exists():
+        if str(name_or_path) not in list_traits():
+            if path.suffix == ".json":
+                raise TraitError(f"trait file {path} does not exist")
+            raise TraitError(f"unknown trait {str(name_or_path)!r}; shipped traits: {', '.join(list_traits())} "
+                             "(or pass the path of your own trait .json file)")
+        path = Path(str(resources.files(__name__) / f"{name_or_path}.json"))
+        shipped = True
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise TraitError(f"{path} is not valid JSON: line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
+    return parse_trait(data, source=str(path), shipped=shipped)

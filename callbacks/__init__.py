@@ -1,0 +1,1 @@
+"""TrainerCallback classes (drift monitoring, preventative steering), installed as ``guard.callbacks``."""

@@ -1,0 +1,1 @@
+"""The ``persona-guard`` command line, installed as ``guard.cli``."""

@@ -53,7 +53,7 @@ class Sample:
     question: str
     prompt: str
     response: str
-    response_tokens: int
+    response_ids: list[int]
     score: float | None = None
     kept: bool = True
 
@@ -91,7 +91,7 @@ def extract_vector(
             for question in questions:
                 prompt = format_prompt(tokenizer, question, pair.pos if positive else pair.neg)
                 for _ in range(config.samples_per_prompt):
-                    samples.append(Sample(positive, index, question, prompt, "", 0))
+                    samples.append(Sample(positive, index, question, prompt, "", []))
                     prompts.append(prompt)
     log(f"generating {len(samples)} answers ({len(pairs)} pairs x {len(questions)} questions x "
         f"{config.samples_per_prompt} rollouts x 2 polarities)")
@@ -100,7 +100,7 @@ def extract_vector(
                             batch_size=config.generation_batch_size, progress=progress, desc="generating answers")
     for sample, ids in zip(samples, response_ids):
         sample.response = tokenizer.decode(ids, skip_special_tokens=True)
-        sample.response_tokens = len(ids)
+        sample.response_ids = ids
         sample.kept = len(ids) > 0
 
     if judge is not None:
@@ -142,8 +142,8 @@ def extract_vector(
         counts={
             "pos_generated": sum(s.positive for s in samples), "neg_generated": sum(not s.positive for s in samples),
             "pos_kept": n_pos, "neg_kept": n_neg,
-            "empty_dropped": sum(s.response_tokens == 0 for s in samples),
-            "mean_response_tokens": round(sum(s.response_tokens for s in samples) / len(samples), 1),
+            "empty_dropped": sum(not s.response_ids for s in samples),
+            "mean_response_tokens": round(sum(len(s.response_ids) for s in samples) / len(samples), 1),
         },
         layer_stats={"effect_size": [round(float(x), 4) for x in effect]},
     )

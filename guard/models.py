@@ -157,12 +157,15 @@ def load_model(
     else:
         source, name = str(model), str(model)
         kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
+        if Path(source).is_dir() and not (Path(source) / "config.json").is_file():
+            raise ModelLoadError(f"{source} has no config.json: pass a directory written by save_pretrained() "
+                                 "or a Hugging Face hub id")
         if not Path(source).is_dir():
             kwargs["local_files_only"] = _offline() or not _hub_reachable_or_cached(source, revision)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         if Path(source).is_dir():
             raise ModelLoadError(f"Could not load a causal LM from the directory {source}: {exc}") from exc
         raise ModelLoadError(

@@ -1,0 +1,27 @@
+"""Small statistics shared by every report: AUROC, projections, random baselines."""
+
+from __future__ import annotations
+
+import torch
+
+
+def auroc(positive, negative) -> float:
+    """P(score of a random positive > score of a random negative), ties counting half.
+
+    0.5 is chance; 1.0 is perfect separation in the expected direction; below 0.5 the scores
+    separate the other way round.
+    """
+    pos = torch.as_tensor(positive, dtype=torch.float64).reshape(-1)
+    neg = torch.as_tensor(negative, dtype=torch.float64).reshape(-1)
+    if pos.numel() == 0 or neg.numel() == 0:
+        raise ValueError("auroc needs at least one positive and one negative score")
+    greater = (pos[:, None] > neg[None, :]).double().mean()
+    ties = (pos[:, None] == neg[None, :]).double().mean()
+    return float(greater + 0.5 * ties)
+
+
+def random_directions(n: int, hidden: int, norm: float = 1.0, seed: int = 0) -> torch.Tensor:
+    """``(n, hidden)`` isotropic random directions of the given norm (a noise floor for projections)."""
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.randn(n, hidden, generator=g)
+    return dirs / dirs.norm(dim=-1, keepdim=True) * norm

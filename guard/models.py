@@ -143,10 +143,13 @@ def load_model(
     device: str | torch.device = "cpu",
     revision: str | None = None,
     trust_remote_code: bool = False,
+    hub_cache_dir: str | os.PathLike | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer.
 
     ``model`` is a hub id, a local directory, or None for the embedded SmolLM2-135M-Instruct.
+    Hub ids are read from the Hugging Face cache (``hub_cache_dir``, default the standard one)
+    when they are there, and fetched only otherwise.
     The tokenizer always has a pad token (the EOS token when the model defines none).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -156,12 +159,12 @@ def load_model(
         source, name, kwargs = embedded_model_dir(), EMBEDDED_NAME, {}
     else:
         source, name = str(model), str(model)
-        kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
+        kwargs = {"revision": revision, "trust_remote_code": trust_remote_code, "cache_dir": hub_cache_dir}
         if Path(source).is_dir() and not (Path(source) / "config.json").is_file():
             raise ModelLoadError(f"{source} has no config.json: pass a directory written by save_pretrained() "
                                  "or a Hugging Face hub id")
         if not Path(source).is_dir():
-            kwargs["local_files_only"] = _offline() or not _hub_reachable_or_cached(source, revision)
+            kwargs["local_files_only"] = _offline() or _in_hub_cache(source, revision, hub_cache_dir)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
@@ -186,18 +189,16 @@ def load_model(
     return LoadedModel(lm, tokenizer, name)
 
 
-def _hub_reachable_or_cached(repo_id: str, revision: str | None) -> bool:
-    """True when we should let transformers go to the hub: the files are not already cached.
-
-    Trying the cache first keeps repeated loads offline and fast even when a network exists.
-    """
+def _in_hub_cache(repo_id: str, revision: str | None, hub_cache_dir) -> bool:
+    """Whether the model is already in the Hugging Face cache; then we load it without asking the
+    hub, so repeated loads stay fast and work offline even where a network exists."""
     try:
         from huggingface_hub import try_to_load_from_cache
 
-        cached = try_to_load_from_cache(repo_id, "config.json", revision=revision)
-        return not isinstance(cached, str)
-    except Exception:
-        return True
+        cached = try_to_load_from_cache(repo_id, "config.json", cache_dir=hub_cache_dir, revision=revision)
+        return isinstance(cached, str)
+    except Exception:  # a malformed id or cache: let from_pretrained report it
+        return False
 
 
 def model_name(model) -> str:

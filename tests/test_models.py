@@ -69,3 +69,17 @@ def test_embedded_conversion_is_cached(tmp_path, monkeypatch, embedded_dir):
     assert embedded_model_dir() == target
     assert time.perf_counter() - start < 1.0  # no second conversion
     assert (target / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_hub_id_loads_from_the_hugging_face_cache_offline(tmp_path, monkeypatch, smol_tokenizer):
+    """The hub code path, exercised without a network: a cache laid out as huggingface_hub writes it."""
+    snapshot = tmp_path / "models--persona-guard--tiny-llama" / "snapshots" / ("a" * 40)
+    model = make_tiny_model("llama", vocab_size=len(smol_tokenizer))
+    model.save_pretrained(snapshot)
+    smol_tokenizer.save_pretrained(snapshot)
+    (tmp_path / "models--persona-guard--tiny-llama" / "refs").mkdir()
+    (tmp_path / "models--persona-guard--tiny-llama" / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    loaded, tokenizer, name = load_model("persona-guard/tiny-llama", hub_cache_dir=tmp_path)
+    assert name == "persona-guard/tiny-llama"
+    assert weights_fingerprint(loaded) == weights_fingerprint(model)

@@ -164,15 +164,16 @@ def inspect(files, as_json):
 
 def print_vector_summary(vector, path) -> None:
     meta = vector.meta
-    console.print(f"[bold]{meta.trait}[/bold] vector  ->  {path}")
-    console.print(f"  model        {meta.model_name}  (fingerprint {meta.model_fingerprint}, {meta.model_type})")
-    console.print(f"  shape        {meta.num_layers} layers x {meta.hidden_size}   convention: "
-                  f"{meta.layer_convention} (layer i = output of decoder block i)   positions: {meta.positions}")
+    console.print(f"[bold]{meta.trait}[/bold] vector -> {path}")
+    console.print(f"  model        {meta.model_name} ({meta.model_type})")
+    console.print(f"  fingerprint  {meta.model_fingerprint}")
+    console.print(f"  shape        {meta.num_layers} layers x {meta.hidden_size}, positions {meta.positions}")
+    console.print(f"  convention   {meta.layer_convention}: layer i = output of decoder block i")
     if meta.counts:
         c = meta.counts
-        console.print(f"  answers      positive {c.get('pos_kept')}/{c.get('pos_generated')} kept, negative "
-                      f"{c.get('neg_kept')}/{c.get('neg_generated')} kept, "
-                      f"mean length {c.get('mean_response_tokens')} tokens")
+        console.print(f"  answers      positive {c.get('pos_kept')}/{c.get('pos_generated')} kept, "
+                      f"negative {c.get('neg_kept')}/{c.get('neg_generated')} kept")
+        console.print(f"  mean length  {c.get('mean_response_tokens')} tokens")
     if "wall_seconds" in meta.extra:
         console.print(f"  time         {meta.extra['wall_seconds']} s")
     effect = meta.layer_stats.get("effect_size") or [float("nan")] * meta.num_layers
@@ -185,8 +186,8 @@ def print_vector_summary(vector, path) -> None:
     table.add_column("")
     top = max((e for e in effect if e == e), default=1.0) or 1.0
     for layer, (norm, d) in enumerate(zip(norms, effect)):
-        bar = "#" * max(0, int(round(20 * d / top))) if d == d else ""
-        mark = "  <- best separation" if layer == best else ""
+        bar = "#" * max(0, int(round(12 * d / top))) if d == d else ""
+        mark = " <- largest d" if layer == best else ""
         if meta.recommended_layer == layer:
             mark += "  (recommended)"
         table.add_row(str(layer), f"{norm:.3f}", f"{d:.2f}", bar + mark)

@@ -59,7 +59,7 @@ def test_extract_then_inspect(runner, tiny_model_dir, tmp_path):
     result = runner.invoke(main, ["extract", "--trait", "evil", "--model", str(tiny_model_dir), "--out", str(out_b),
                                   *SMALL])
     assert result.exit_code == 0, result.output
-    assert "effect size" in result.output and "best separation" in result.output
+    assert "effect size" in result.output and "largest d" in result.output
 
     human = runner.invoke(main, ["inspect", str(out_a), str(out_b)])
     assert human.exit_code == 0 and "Cosine similarity per layer" in human.output

@@ -216,7 +216,8 @@ def capture(
     Activations are reduced inside the hook (so 30 layers of a long batch never sit in memory)
     with :func:`reduce_positions` and the masks given here, which must match the forward's
     ``(batch, seq)``. Several forwards in one context are concatenated on the batch axis.
-    ``detach=False`` keeps the graph (for gradient-based prompt search).
+    ``detach=False`` keeps the graph (for gradient-based prompt search). The yielded dict is
+    filled when the context exits.
     """
     layer_ids = resolve_layers(model, layers, layer_path)
     parts: dict[int, list[torch.Tensor]] = {layer: [] for layer in layer_ids}

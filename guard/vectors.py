@@ -166,8 +166,16 @@ class PersonaVector:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "PersonaVector":
-        path = Path(path)
+    def load(cls, path: str | Path, model=None, *, allow_other_weights: bool = False) -> "PersonaVector":
+        """Read a vector file; given ``model``, also refuse it unless it belongs to that model
+        (see :meth:`check_model`)."""
+        vector = cls._read(Path(path))
+        if model is not None:
+            vector.check_model(model, allow_other_weights=allow_other_weights)
+        return vector
+
+    @classmethod
+    def _read(cls, path: Path) -> "PersonaVector":
         if not path.is_file():
             raise VectorFileError(f"vector file {path} does not exist")
         try:

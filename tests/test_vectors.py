@@ -65,6 +65,14 @@ def test_other_weights_are_refused_unless_allowed():
     vec.check_model(other, allow_other_weights=True)
 
 
+def test_load_with_a_model_checks_it(tmp_path):
+    path = _vector_for(make_tiny_model("llama", seed=0)).save(tmp_path / "v.safetensors")
+    PersonaVector.load(path, make_tiny_model("llama", seed=0))
+    with pytest.raises(VectorMismatchError, match="fingerprint"):
+        PersonaVector.load(path, make_tiny_model("llama", seed=1))
+    assert PersonaVector.load(path, make_tiny_model("llama", seed=1), allow_other_weights=True).trait == "sycophancy"
+
+
 def test_lora_wrapped_base_model_still_matches():
     peft = pytest.importorskip("peft")
     model = make_tiny_model("llama")

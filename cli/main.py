@@ -12,6 +12,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from guard.extract import ExtractionError
 from guard.layers import LayerError
 from guard.models import ModelLoadError
 from guard.traits import TraitError
@@ -19,7 +20,8 @@ from guard.vectors import VectorFileError, VectorMismatchError
 
 console = Console()
 err_console = Console(stderr=True)
-USER_ERRORS = (ModelLoadError, TraitError, VectorFileError, VectorMismatchError, LayerError, ValueError)
+# Our own error types carry messages written for users; anything else is a bug and keeps its traceback.
+USER_ERRORS = (ModelLoadError, TraitError, VectorFileError, VectorMismatchError, LayerError, ExtractionError)
 
 
 def friendly_errors(func):

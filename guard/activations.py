@@ -11,17 +11,8 @@ from typing import Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .generation import encode, pad_batch
 from .layers import StopForward, capture, resolve_layers, stop_after
-
-
-def _right_pad(rows: list[list[int]], pad_id: int, device):
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, :len(row)] = 1
-    return ids.to(device), mask.to(device)
 
 
 @torch.inference_mode()
@@ -33,7 +24,6 @@ def sequence_activations(
     layers: Iterable[int] | int | None = None,
     position: str = "response_mean",
     batch_size: int = 16,
-    pad_token_id: int = 0,
     layer_path: str | None = None,
     progress: bool = False,
     desc: str = "activations",
@@ -58,7 +48,8 @@ def sequence_activations(
     try:
         for start in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, unit="batch"):
             batch = order[start:start + batch_size]
-            ids, attn = _right_pad([full[i] for i in batch], pad_token_id, device)
+            # Pads are masked out of attention and of every reduction, so their id does not matter.
+            ids, attn = pad_batch([full[i] for i in batch], 0, device, side="right")
             resp = None
             if response_ids is not None:
                 resp = torch.zeros_like(attn)
@@ -86,7 +77,4 @@ def prompt_activations(model, tokenizer, prompts: Sequence[str], **kwargs) -> to
 
     This is the pre-generation monitoring statistic: the state right before the reply starts.
     """
-    from .generation import encode
-
-    kwargs.setdefault("pad_token_id", tokenizer.pad_token_id or 0)
     return sequence_activations(model, encode(tokenizer, list(prompts)), position="last", **kwargs)

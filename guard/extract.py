@@ -21,6 +21,10 @@ from .traits import Trait
 from .vectors import PersonaVector, metadata_for
 
 
+class ExtractionError(ValueError):
+    """Extraction could not produce a vector (nothing left to average); the message says why."""
+
+
 @dataclass(frozen=True)
 class ExtractionConfig:
     samples_per_prompt: int = 1  # rollouts per (instruction pair, question, polarity)
@@ -112,16 +116,16 @@ def extract_vector(
     n_pos = sum(samples[i].positive for i in kept)
     n_neg = len(kept) - n_pos
     if n_pos == 0 or n_neg == 0:
-        raise RuntimeError(
-            f"no {'trait-positive' if n_pos == 0 else 'trait-negative'} answers left after filtering "
-            f"({n_pos} positive, {n_neg} negative kept of {len(samples)}); lower the judge thresholds "
-            "or generate more rollouts")
+        hint = "lower the judge thresholds or generate more rollouts" if judge else \
+            "every answer was empty: check the chat template and raise --max-new-tokens"
+        raise ExtractionError(
+            f"no {'trait-positive' if n_pos == 0 else 'trait-negative'} answers left "
+            f"({n_pos} positive, {n_neg} negative kept of {len(samples)}); {hint}")
 
     log(f"reading activations of {len(kept)} answers at every layer")
     acts = sequence_activations(
         model, [prompt_ids[i] for i in kept], [response_ids[i] for i in kept], position="response_mean",
-        batch_size=config.forward_batch_size, pad_token_id=tokenizer.pad_token_id or 0,
-        layer_path=config.layer_path, progress=progress, desc="reading activations")
+        batch_size=config.forward_batch_size, layer_path=config.layer_path, progress=progress, desc="reading activations")
     is_pos = torch.tensor([samples[i].positive for i in kept])
     pos_mean, neg_mean = acts[is_pos].mean(dim=0), acts[~is_pos].mean(dim=0)
     vectors = pos_mean - neg_mean  # (layers, hidden)

@@ -34,14 +34,18 @@ def stop_token_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_batch(sequences: list[list[int]], pad_id: int, device, side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of token lists padded to one width: left for generation
+    (every row ends where its continuation starts), right for plain forwards (real tokens keep
+    the positions they have when run alone)."""
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, seq in enumerate(sequences):
         if seq:
-            ids[row, width - len(seq):] = torch.tensor(seq)
-            mask[row, width - len(seq):] = 1
+            cols = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
+            ids[row, cols] = torch.tensor(seq, dtype=torch.long)
+            mask[row, cols] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -78,12 +82,12 @@ def generate(
     model.eval()
     try:
         for number, batch in enumerate(tqdm(batches, desc=desc, disable=not progress, unit="batch")):
-            ids, mask = left_pad([prompt_ids[i] for i in batch], pad_id, device)
+            ids, mask = pad_batch([prompt_ids[i] for i in batch], pad_id, device, side="left")
             torch.manual_seed(sampling.seed + number)
             out = model.generate(input_ids=ids, attention_mask=mask, **options)
             for row, index in enumerate(batch):
                 tokens = out[row, ids.shape[1]:].tolist()
-                cut = next((k for k, tok in enumerate(tokens) if tok in stops or tok == pad_id), len(tokens))
+                cut = next((k for k, tok in enumerate(tokens) if tok in stops), len(tokens))
                 results[index] = tokens[:cut]
     finally:
         model.train(was_training)

@@ -138,10 +138,14 @@ def _with_hidden(output, hidden: torch.Tensor):
 def forward_hooks(model: nn.Module, hooks: Mapping[int, Callable], layer_path: str | None = None) -> Iterator[None]:
     """Register ``hooks[layer](module, args, output)`` on decoder blocks; always removed on exit."""
     blocks = find_decoder_layers(model, layer_path)
+    keys = list(hooks)
+    indices = resolve_layers(model, keys, layer_path)  # negative keys count from the end
+    if len(set(indices)) != len(indices):
+        raise LayerError(f"layers {keys} name the same block twice")
     handles = []
     try:
-        for layer in resolve_layers(model, list(hooks), layer_path):
-            handles.append(blocks[layer].register_forward_hook(hooks[layer]))
+        for key, index in zip(keys, indices):
+            handles.append(blocks[index].register_forward_hook(hooks[key]))
         yield
     finally:
         for handle in handles:
@@ -165,6 +169,7 @@ def reduce_positions(
         raise ValueError(f"unknown position {position!r}; choose from {', '.join(POSITIONS)}")
     if position == "all":
         return hidden
+    hidden = hidden.float()  # a mean over hundreds of fp16 positions overflows; bf16 loses the count
     batch, seq, _ = hidden.shape
     attn = torch.ones(batch, seq, dtype=torch.bool, device=hidden.device) if attention_mask is None \
         else attention_mask.to(hidden.device).bool()

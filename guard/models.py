@@ -160,14 +160,25 @@ def load_model(
     else:
         source, name = str(model), str(model)
         kwargs = {"revision": revision, "trust_remote_code": trust_remote_code, "cache_dir": hub_cache_dir}
+        if not Path(source).is_dir() and _looks_like_path(source):
+            raise ModelLoadError(f"model directory {source} does not exist")
         if Path(source).is_dir() and not (Path(source) / "config.json").is_file():
             raise ModelLoadError(f"{source} has no config.json: pass a directory written by save_pretrained() "
                                  "or a Hugging Face hub id")
         if not Path(source).is_dir():
             kwargs["local_files_only"] = _offline() or _in_hub_cache(source, revision, hub_cache_dir)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+            lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+        except OSError:
+            # The cache may hold only part of the repository (a config fetched alone, an
+            # interrupted download): when we are allowed online, fetch the rest.
+            if not kwargs.get("local_files_only") or _offline():
+                raise
+            kwargs["local_files_only"] = False
+            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+            lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
     except (OSError, ValueError) as exc:
         if Path(source).is_dir():
             raise ModelLoadError(f"Could not load a causal LM from the directory {source}: {exc}") from exc
@@ -187,6 +198,11 @@ def load_model(
     lm.to(device)
     lm.eval()
     return LoadedModel(lm, tokenizer, name)
+
+
+def _looks_like_path(name: str) -> bool:
+    """Hub ids are ``name`` or ``org/name``; anything else that is not a directory is a missing path."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
 
 
 def _in_hub_cache(repo_id: str, revision: str | None, hub_cache_dir) -> bool:
@@ -218,7 +234,8 @@ def weights_fingerprint(model) -> str:
     emb = model.get_input_embeddings().weight.detach()
     flat = emb.reshape(-1)
     stride = max(1, flat.numel() // 65536)
-    sample = flat[::stride][:65536].to(device="cpu", dtype=torch.float32).contiguous()
+    # Rounded to bfloat16 so the same checkpoint loaded in float32 or bfloat16 hashes the same.
+    sample = flat[::stride][:65536].to(device="cpu", dtype=torch.bfloat16).view(torch.int16).contiguous()
     h = hashlib.sha256()
     h.update(str(tuple(emb.shape)).encode())
     h.update(sample.numpy().tobytes())

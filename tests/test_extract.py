@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from guard.chat import format_prompt
-from guard.extract import ExtractionConfig, extract_vector
+from guard.extract import ExtractionConfig, ExtractionError, extract_vector
 from guard.generation import SamplingConfig, encode, generate
 from guard.judge import JudgeFilter
 from guard.traits import load_trait
@@ -86,5 +86,5 @@ def test_nothing_left_after_filtering_is_a_clear_error(tiny_chat_model):
         def score(self, question, answer, rubric):
             return None
 
-    with pytest.raises(RuntimeError, match="no trait-positive answers left"):
+    with pytest.raises(ExtractionError, match="no trait-positive answers left.*judge thresholds"):
         extract_vector(model, tokenizer, load_trait("sycophancy"), SMALL, judge=JudgeFilter(Never()))

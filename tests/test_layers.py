@@ -191,3 +191,26 @@ def test_position_reductions_agree_under_left_and_right_padding():
         reduce_positions(right, "response_mean", attn_r)
     with pytest.raises(ValueError, match="does not match"):
         reduce_positions(right, "last", attn_r[:, :3])
+
+
+def test_negative_layer_keys_count_from_the_end():
+    model = make_tiny_model("llama")
+    ids = _inputs()
+    vec = torch.randn(hidden_size(model))
+    with torch.no_grad():
+        with add_vectors(model, {-1: vec}), capture(model, [2]) as neg:
+            model(ids)
+        with add_vectors(model, {2: vec}), capture(model, [2]) as pos:
+            model(ids)
+    assert torch.equal(neg[2], pos[2])
+    with pytest.raises(LayerError, match="same block twice"):
+        with add_vectors(model, {2: vec, -1: vec}):
+            pass
+    assert active_hook_count(model) == 0
+
+
+def test_fp16_means_do_not_overflow():
+    hidden = torch.full((1, 400, 2), 300.0, dtype=torch.float16)
+    resp = torch.ones(1, 400)
+    resp[0, 0] = 0
+    assert torch.allclose(reduce_positions(hidden, "response_mean", None, resp), torch.full((1, 2), 300.0))

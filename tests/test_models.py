@@ -83,3 +83,16 @@ def test_hub_id_loads_from_the_hugging_face_cache_offline(tmp_path, monkeypatch,
     loaded, tokenizer, name = load_model("persona-guard/tiny-llama", hub_cache_dir=tmp_path)
     assert name == "persona-guard/tiny-llama"
     assert weights_fingerprint(loaded) == weights_fingerprint(model)
+
+
+def test_missing_local_path_is_not_sent_to_the_hub(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(str(tmp_path / "no" / "such" / "model"))
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model("./models/missing")
+
+
+def test_fingerprint_does_not_depend_on_load_dtype():
+    model = make_tiny_model("llama")
+    fp32 = weights_fingerprint(model)
+    assert weights_fingerprint(model.to(torch.bfloat16)) == fp32

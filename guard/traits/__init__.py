@@ -73,7 +73,9 @@ def _problems(data) -> list[str]:
     problems += [f"unknown key {key!r}" for key in data if key not in REQUIRED_KEYS]
 
     def strings(key):
-        value = data.get(key)
+        if key not in data:
+            return []
+        value = data[key]
         if not isinstance(value, list) or not value:
             problems.append(f"{key!r} must be a non-empty list")
             return []
@@ -95,7 +97,9 @@ def _problems(data) -> list[str]:
         problems.append(f"extraction and evaluation questions must be disjoint; shared: {sorted(overlap)[:3]}")
 
     pairs = data.get("instruction_pairs")
-    if not isinstance(pairs, list) or not pairs:
+    if "instruction_pairs" not in data:
+        pass
+    elif not isinstance(pairs, list) or not pairs:
         problems.append("'instruction_pairs' must be a non-empty list of {\"pos\": ..., \"neg\": ...}")
     else:
         for i, pair in enumerate(pairs):
@@ -115,7 +119,9 @@ def _problems(data) -> list[str]:
                                 f"found {sorted(fields)}")
 
     examples = data.get("examples")
-    if not isinstance(examples, list):
+    if "examples" not in data:
+        pass
+    elif not isinstance(examples, list):
         problems.append("'examples' must be a list of {\"question\", \"trait\", \"non_trait\"}")
     else:
         for i, ex in enumerate(examples):

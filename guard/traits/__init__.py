@@ -96,16 +96,22 @@ def _problems(data) -> list[str]:
     if overlap:
         problems.append(f"extraction and evaluation questions must be disjoint; shared: {sorted(overlap)[:3]}")
 
-    pairs = data.get("instruction_pairs")
-    if "instruction_pairs" not in data:
-        pass
-    elif not isinstance(pairs, list) or not pairs:
-        problems.append("'instruction_pairs' must be a non-empty list of {\"pos\": ..., \"neg\": ...}")
-    else:
-        for i, pair in enumerate(pairs):
-            if not isinstance(pair, dict) or set(pair) != {"pos", "neg"} or not all(
-                    isinstance(v, str) and v.strip() for v in pair.values()):
-                problems.append(f"instruction_pairs[{i}] must be {{\"pos\": str, \"neg\": str}} with non-empty strings")
+    def records(key, fields, non_empty):
+        """A list of objects with exactly ``fields``, each a non-empty string."""
+        if key not in data:
+            return
+        shape = "{" + ", ".join(f'"{f}": str' for f in fields) + "}"
+        value = data[key]
+        if not isinstance(value, list) or (non_empty and not value):
+            problems.append(f"{key!r} must be a {'non-empty ' if non_empty else ''}list of {shape}")
+            return
+        for i, item in enumerate(value):
+            if not isinstance(item, dict) or set(item) != set(fields) or not all(
+                    isinstance(v, str) and v.strip() for v in item.values()):
+                problems.append(f"{key}[{i}] must be {shape} with non-empty strings")
+
+    records("instruction_pairs", ("pos", "neg"), non_empty=True)
+    records("examples", ("question", "trait", "non_trait"), non_empty=False)
 
     rubric = data.get("judge_rubric")
     if isinstance(rubric, str):
@@ -118,16 +124,6 @@ def _problems(data) -> list[str]:
                 problems.append("judge_rubric must use exactly the placeholders {question} and {answer}, "
                                 f"found {sorted(fields)}")
 
-    examples = data.get("examples")
-    if "examples" not in data:
-        pass
-    elif not isinstance(examples, list):
-        problems.append("'examples' must be a list of {\"question\", \"trait\", \"non_trait\"}")
-    else:
-        for i, ex in enumerate(examples):
-            if not isinstance(ex, dict) or set(ex) != {"question", "trait", "non_trait"} or not all(
-                    isinstance(v, str) and v.strip() for v in ex.values()):
-                problems.append(f"examples[{i}] must be {{\"question\", \"trait\", \"non_trait\"}} with non-empty strings")
     return problems
 
 

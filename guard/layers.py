@@ -253,14 +253,16 @@ def add_vectors(
     vectors: Mapping[int, torch.Tensor],
     coeff: float = 1.0,
     *,
-    mask: torch.Tensor | None = None,
+    mask: torch.Tensor | Callable[[torch.Tensor], torch.Tensor | None] | None = None,
     layer_path: str | None = None,
 ) -> Iterator[None]:
     """Add ``coeff * vectors[layer]`` to the output of each decoder block in ``vectors``.
 
     The sum is computed out of place (autograd keeps the original activation), on the
     activation's dtype and device. ``mask`` (``(batch, seq)``, 1 where to add) limits the
-    positions; without it every position of every forward pass is steered.
+    positions; it may also be a function of the block's hidden state returning such a mask
+    (or None for every position), for forwards whose shape is not known in advance, such as
+    the cached decoding steps of ``generate``. Without it every position is steered.
     """
     steering = {int(layer): vec for layer, vec in vectors.items()}
     d = hidden_size(model)
@@ -277,11 +279,12 @@ def add_vectors(
             if key not in cache:
                 cache[key] = (coeff * vec.detach().to(torch.float32)).to(device=hidden.device, dtype=hidden.dtype)
             delta = cache[key]
-            if mask is not None:
-                if mask.shape != hidden.shape[:2]:
+            where = mask(hidden) if callable(mask) else mask
+            if where is not None:
+                if where.shape != hidden.shape[:2]:
                     raise ValueError(
-                        f"steering mask shape {tuple(mask.shape)} does not match activations {tuple(hidden.shape[:2])}")
-                delta = delta * mask.to(device=hidden.device, dtype=hidden.dtype).unsqueeze(-1)
+                        f"steering mask shape {tuple(where.shape)} does not match activations {tuple(hidden.shape[:2])}")
+                delta = delta * where.to(device=hidden.device, dtype=hidden.dtype).unsqueeze(-1)
             return _with_hidden(output, hidden + delta)
         return hook
 

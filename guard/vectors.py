@@ -105,6 +105,14 @@ class PersonaVector:
         """The raw vector at ``layer`` (block-output convention; negative counts from the end)."""
         return self.vectors[layer]
 
+    def default_layer(self) -> int:
+        """The layer every command uses unless told otherwise: the recommended one from layer selection."""
+        if self.meta.recommended_layer is None:
+            raise VectorFileError(
+                f"the {self.trait} vector has no recommended layer yet; pass a layer explicitly, or run "
+                "`persona-guard select-layer` on the file to choose one by steering effect")
+        return self.meta.recommended_layer
+
     def unit(self, layer: int) -> torch.Tensor:
         vec = self.vectors[layer]
         return vec / vec.norm().clamp_min(1e-12)

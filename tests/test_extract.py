@@ -4,7 +4,7 @@ import torch
 from guard.chat import format_prompt
 from guard.extract import ExtractionConfig, ExtractionError, extract_vector
 from guard.generation import SamplingConfig, encode, generate
-from guard.judge import JudgeFilter
+from guard.judges import COHERENCE_RUBRIC, JudgeFilter
 from guard.traits import load_trait
 
 SMALL = ExtractionConfig(max_questions=2, max_pairs=2, samples_per_prompt=2,
@@ -52,29 +52,35 @@ def test_sampling_is_reproducible(tiny_chat_model):
     assert a == b and all(0 < len(r) <= 5 for r in a)
 
 
-class KeywordJudge:
-    """Scores 100 when the answer contains any token of a set, else 0: deterministic and checkable."""
-    name = "keyword-test-judge"
+class ParityJudge:
+    """Deterministic and checkable: trait score by answer-length parity, coherence low for lengths divisible by 3."""
+    name = "parity-test-judge"
 
-    def __init__(self, keep_ids):
+    def __init__(self):
         self.calls = 0
 
     def score(self, question, answer, rubric):
         self.calls += 1
         assert "{question}" in rubric
+        if rubric == COHERENCE_RUBRIC:
+            return 20.0 if len(answer) % 3 == 0 else 80.0
         return 100.0 if len(answer) % 2 else 0.0
 
 
-def test_judge_filter_keeps_trait_positive_high_and_negative_low(tiny_chat_model):
+def test_judge_filter_keeps_trait_positive_high_and_negative_low_and_coherent(tiny_chat_model):
     model, tokenizer = tiny_chat_model
-    judge = KeywordJudge(None)
+    judge = ParityJudge()
     result = extract_vector(model, tokenizer, load_trait("sycophancy"), SMALL, judge=JudgeFilter(judge))
-    assert judge.calls == len(result.samples)
-    for s in result.samples:
-        assert s.kept == ((s.score > 50) if s.positive else (s.score < 50))
+    nonempty = [s for s in result.samples if s.response_ids]
+    assert judge.calls == 2 * len(nonempty)  # trait + coherence per answer
+    for s in nonempty:
+        trait_ok = (s.score > 50) if s.positive else (s.score < 50)
+        assert s.kept == (trait_ok and s.coherence >= 50)
+    assert any(s.score is not None and s.coherence < 50 and not s.kept for s in nonempty)
     counts = result.vector.meta.counts
     assert counts["pos_kept"] == sum(s.kept and s.positive for s in result.samples)
-    assert result.vector.meta.extraction["judge"]["judge"] == "keyword-test-judge"
+    assert result.vector.meta.extraction["judge"] == {
+        "judge": "parity-test-judge", "pos_threshold": 50.0, "neg_threshold": 50.0, "coherence_threshold": 50.0}
 
 
 def test_nothing_left_after_filtering_is_a_clear_error(tiny_chat_model):

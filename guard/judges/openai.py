@@ -1,0 +1,131 @@
+"""A judge that calls any OpenAI-compatible chat-completions endpoint (OpenAI, vLLM, llama.cpp, ...).
+
+It asks exactly what the persona-vectors judge asks: one token at temperature 0 with the top-20
+logprobs, and aggregates that next-token distribution with :func:`score_from_candidates`.
+Standard library only (``urllib``), so judging needs no extra dependency. Transient failures
+(429, 5xx, timeouts, dropped connections) are retried with exponential backoff; anything else,
+including a malformed reply, fails at once with a :class:`JudgeError` that says why.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import urllib.error
+import urllib.request
+from typing import Callable
+
+from .base import JudgeError, render_rubric, score_from_candidates
+
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+MAX_DELAY = 30.0  # seconds; caps both the exponential backoff and a server's Retry-After
+
+
+def _snippet(body: bytes | str, limit: int = 200) -> str:
+    text = body.decode("utf-8", errors="replace") if isinstance(body, bytes) else body
+    return text[:limit] + ("..." if len(text) > limit else "")
+
+
+class OpenAICompatibleJudge:
+    """Scores answers with a model behind ``{base_url}/chat/completions``.
+
+    The API key is read from the environment variable ``api_key_env`` at call time; when it is
+    unset or empty no Authorization header is sent (local servers need none).
+    """
+
+    def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", timeout: float = 30.0,
+                 max_retries: int = 4, backoff: float = 1.0, top_logprobs: int = 20, extra_body: dict | None = None,
+                 sleep: Callable[[float], None] = time.sleep):
+        self.url = f"{base_url.rstrip('/')}/chat/completions"
+        self.model = model
+        self.name = f"openai-compatible:{model}"
+        self.api_key_env = api_key_env
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self.top_logprobs = top_logprobs
+        self.extra_body = dict(extra_body or {})
+        self.sleep = sleep  # injectable so tests need not wait
+
+    def score(self, question: str, answer: str, rubric: str) -> float | None:
+        body = {"model": self.model, "messages": [{"role": "user", "content": render_rubric(rubric, question, answer)}],
+                "max_tokens": 1, "temperature": 0, "logprobs": True, "top_logprobs": self.top_logprobs, "seed": 0,
+                **self.extra_body}
+        return score_from_candidates(self._candidates(self._post(body)))
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        key = os.environ.get(self.api_key_env)
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        return headers
+
+    def _post(self, body: dict) -> str:
+        data = json.dumps(body).encode()
+        attempts = self.max_retries + 1
+        last = "no attempt made"
+        for attempt in range(attempts):
+            retry_after = None
+            request = urllib.request.Request(self.url, data=data, headers=self._headers(), method="POST")
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    return response.read().decode("utf-8", errors="replace")
+            except urllib.error.HTTPError as e:  # before URLError: HTTPError is a subclass
+                snippet = _snippet(e.read() or b"")
+                if e.code not in RETRY_STATUSES:
+                    hint = f" (check the API key in ${self.api_key_env})" if e.code in (401, 403) else ""
+                    raise JudgeError(f"{self.url} answered HTTP {e.code}{hint}: {snippet}") from e
+                last = f"HTTP {e.code}: {snippet}"
+                retry_after = e.headers.get("Retry-After") if e.headers else None
+            except TimeoutError:  # socket.timeout is an alias; raised while reading the reply
+                last = f"timeout: no reply within {self.timeout} s"
+            except urllib.error.URLError as e:
+                if isinstance(e.reason, TimeoutError):
+                    last = f"timeout: no reply within {self.timeout} s"
+                else:
+                    last = f"connection error: {e.reason}"
+            except ConnectionError as e:  # e.g. the server dropped the connection mid-reply
+                last = f"connection error: {e!r}"
+            if attempt < self.max_retries:
+                self.sleep(self._delay(attempt, retry_after))
+        raise JudgeError(f"{self.url}: gave up after {attempts} attempts; last error: {last}")
+
+    def _delay(self, attempt: int, retry_after: str | None) -> float:
+        try:  # Retry-After in seconds wins; an HTTP-date or garbage falls back to backoff
+            if retry_after is not None:
+                return min(max(float(retry_after), 0.0), MAX_DELAY)
+        except ValueError:
+            pass
+        return min(self.backoff * 2 ** attempt, MAX_DELAY)
+
+    def _candidates(self, text: str) -> list[tuple[str, float]]:
+        def malformed(why: str) -> JudgeError:
+            return JudgeError(f"malformed reply from {self.url} ({why}): {_snippet(text)!r}")
+
+        try:
+            reply = json.loads(text)
+        except ValueError:
+            raise malformed("not JSON") from None
+        try:
+            logprobs = reply["choices"][0].get("logprobs")
+        except (KeyError, IndexError, TypeError, AttributeError):
+            raise malformed("no choices[0]") from None
+        if not logprobs:
+            raise JudgeError(f"{self.url} returned no logprobs for model {self.model!r}; this judge needs an "
+                             f"endpoint supporting `logprobs`/`top_logprobs`")
+        try:
+            top = logprobs["content"][0]["top_logprobs"]
+            candidates = []
+            for entry in top:
+                token, logprob = entry["token"], entry["logprob"]
+                if not isinstance(token, str) or isinstance(logprob, bool) or not isinstance(logprob, (int, float)):
+                    raise TypeError
+                candidates.append((token, math.exp(logprob)))
+        except (KeyError, IndexError, TypeError, AttributeError, OverflowError):
+            raise malformed("expected choices[0].logprobs.content[0].top_logprobs as [{token, logprob}, ...]") from None
+        if not candidates:  # an endpoint ignoring top_logprobs would otherwise turn every answer into None
+            raise JudgeError(f"{self.url} returned an empty top_logprobs list; this judge needs an endpoint "
+                             f"supporting `logprobs`/`top_logprobs`")
+        return candidates

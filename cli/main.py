@@ -2,41 +2,18 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 import time
 from pathlib import Path
 
 import click
-from rich.console import Console
 from rich.table import Table
 
-from guard.extract import ExtractionError
-from guard.layers import LayerError
-from guard.models import ModelLoadError
 from guard.traits import TraitError
-from guard.vectors import VectorFileError, VectorMismatchError
 
-console = Console()
-err_console = Console(stderr=True)
-# Our own error types carry messages written for users; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ModelLoadError, TraitError, VectorFileError, VectorMismatchError, LayerError, ExtractionError)
-
-
-def friendly_errors(func):
-    """Turn our own error types into one clean message and exit status 1 instead of a traceback."""
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except USER_ERRORS as exc:
-            raise click.ClickException(str(exc)) from exc
-    return wrapper
-
-
-def emit_json(data) -> None:
-    click.echo(json.dumps(data, indent=2, default=str))
+from .common import (build_judge, console, emit_json, friendly_errors, judge_options, load_model_from, model_options,
+                     progress_log)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -51,6 +28,9 @@ def main():
     \b
         persona-guard extract --trait sycophancy --out vectors/sycophancy.safetensors
         persona-guard inspect vectors/sycophancy.safetensors
+        persona-guard generate --vector vectors/sycophancy.safetensors --coeff -4 --compare --prompt "..."
+        persona-guard sweep vectors/sycophancy.safetensors
+        persona-guard monitor --vector vectors/sycophancy.safetensors --prompts prompts.jsonl
         persona-guard traits list
     """
 
@@ -59,8 +39,6 @@ def main():
 @main.command()
 @click.option("--trait", "trait_name", required=True,
               help="A shipped trait name (see `persona-guard traits list`) or the path of your own trait .json.")
-@click.option("--model", "model_id", default=None,
-              help="Hugging Face hub id or local directory. Default: the embedded SmolLM2-135M-Instruct.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Where to write the vector file. Default: vectors/<trait>.safetensors")
 @click.option("--fast", is_flag=True, help="Quick preset: first 10 questions, answers of up to 48 tokens (about a minute on CPU).")
@@ -72,18 +50,24 @@ def main():
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None, help="Nucleus sampling mass.")
 @click.option("--seed", type=int, default=None, help="Sampling seed (runs are reproducible).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Generation batch size.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
-@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda:0.")
-@click.option("--layer-path", default=None,
-              help="Dotted path of the decoder-block ModuleList when auto-discovery fails (e.g. model.layers).")
+@model_options
+@judge_options
+@click.option("--pos-threshold", type=float, default=50.0, show_default=True,
+              help="With a judge: keep trait-positive answers scoring above this.")
+@click.option("--neg-threshold", type=float, default=50.0, show_default=True,
+              help="With a judge: keep trait-negative answers scoring below this.")
+@click.option("--coherence-threshold", type=float, default=50.0, show_default=True,
+              help="With a judge: drop answers whose coherence is below this (negative: no coherence check).")
+@click.option("--select-layer/--no-select-layer", default=True, show_default=True,
+              help="Choose the layer to steer and monitor at (see `persona-guard select-layer`) and store it.")
 @click.option("--responses", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also write every generated answer (with its polarity and kept flag) to this JSONL file.")
-@click.option("--trust-remote-code", is_flag=True, help="Allow the model repository's own Python code to run.")
+              help="Also write every generated answer (with its polarity, scores and kept flag) to this JSONL file.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary instead of the table.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @friendly_errors
-def extract(trait_name, model_id, out_path, fast, samples, questions, pairs, max_new_tokens, temperature, top_p,
-            seed, batch_size, dtype, device, layer_path, responses, trust_remote_code, as_json, quiet):
+def extract(trait_name, out_path, fast, samples, questions, pairs, max_new_tokens, temperature, top_p, seed,
+            batch_size, model_id, dtype, device, layer_path, trust_remote_code, judge_model, judge_url, judge_key_env,
+            judge_cache, pos_threshold, neg_threshold, coherence_threshold, select_layer, responses, as_json, quiet):
     """Extract a persona vector for every layer of a model.
 
     The model answers the trait's extraction questions under each trait-positive and
@@ -91,13 +75,19 @@ def extract(trait_name, model_id, out_path, fast, samples, questions, pairs, max
     (output of decoder block i) of positive answers minus that of negative answers. The file is
     safetensors with JSON metadata: model fingerprint, layer convention, settings, counts, norms.
 
+    With a judge (--judge-model or --judge-url) only answers that show the trait (positive) or
+    avoid it (negative), and are coherent, are kept, as in the paper.
+
     The per-layer table shows each vector's norm and the in-sample effect size (Cohen's d of the
     positive vs negative answers projected on it): how cleanly that layer separates the two.
+    Layer selection then steers candidate layers and recommends the one with the largest effect
+    on the trait's example pairs at acceptable coherence (about 40 s for the embedded model).
     """
     from dataclasses import replace
 
     from guard.extract import ExtractionConfig, extract_vector
-    from guard.models import load_model
+    from guard.judges import JudgeFilter
+    from guard.sweep import record_selection, select_layer as choose_layer, split_examples
     from guard.traits import load_trait
 
     trait = load_trait(trait_name)
@@ -109,13 +99,20 @@ def extract(trait_name, model_id, out_path, fast, samples, questions, pairs, max
                      **{k: v for k, v in dict(samples_per_prompt=samples, max_questions=questions, max_pairs=pairs,
                                               generation_batch_size=batch_size).items() if v is not None})
     out_path = out_path or Path("vectors") / f"{trait.name}.safetensors"
-    say = (lambda message: None) if as_json or quiet else (lambda message: err_console.print(f"[dim]{message}[/dim]"))
+    say = progress_log(as_json or quiet)
 
     started = time.perf_counter()
-    say(f"loading {model_id or 'the embedded SmolLM2-135M-Instruct'}")
-    model, tokenizer, name = load_model(model_id, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    result = extract_vector(model, tokenizer, trait, config, progress=not (quiet or as_json), log=say)
+    model, tokenizer, _ = load_model_from(model_id, dtype, device, trust_remote_code, say)
+    judge = build_judge(judge_model, judge_url, judge_key_env, judge_cache, device, dtype)
+    rule = JudgeFilter(judge, pos_threshold, neg_threshold,
+                       coherence_threshold if coherence_threshold >= 0 else None) if judge else None
+    result = extract_vector(model, tokenizer, trait, config, judge=rule, progress=not (quiet or as_json), log=say)
     vector = result.vector
+    if select_layer:
+        selection_pairs, _ = split_examples(trait.examples)
+        say(f"selecting the layer to steer on {len(selection_pairs)} example pairs")
+        selection = choose_layer(model, tokenizer, vector, selection_pairs, log=say)
+        record_selection(vector, selection)
     vector.meta.extra["wall_seconds"] = round(time.perf_counter() - started, 1)
     vector.save(out_path)
     if responses:
@@ -181,10 +178,20 @@ def print_vector_summary(vector, path) -> None:
     effect = meta.layer_stats.get("effect_size") or [float("nan")] * meta.num_layers
     norms = vector.norms().tolist()
     best = max(range(len(effect)), key=lambda i: effect[i] if effect[i] == effect[i] else float("-inf"))
+    selection = meta.layer_stats.get("selection") or {}
+    steer_effect, steer_drop = selection.get("effect", {}), selection.get("coherence_drop", {})
+    if selection:
+        console.print(f"  recommended  layer {meta.recommended_layer}: largest pairwise-preference effect when "
+                      f"steered by {selection['coeff']:g} x v with a coherence drop <= "
+                      f"{selection['max_coherence_drop']:g} nats/token" + ("" if selection["gated"] else
+                                                                          " (no layer met it; least damaging taken)"))
     table = Table(show_edge=False, pad_edge=False)
     table.add_column("layer", justify="right")
     table.add_column("norm", justify="right")
     table.add_column("effect size d", justify="right")
+    if selection:
+        table.add_column("steer effect", justify="right")
+        table.add_column("coh. drop", justify="right")
     table.add_column("")
     top = max((e for e in effect if e == e), default=1.0) or 1.0
     for layer, (norm, d) in enumerate(zip(norms, effect)):
@@ -192,7 +199,11 @@ def print_vector_summary(vector, path) -> None:
         mark = " <- largest d" if layer == best else ""
         if meta.recommended_layer == layer:
             mark += "  (recommended)"
-        table.add_row(str(layer), f"{norm:.3f}", f"{d:.2f}", bar + mark)
+        steer_cells = []
+        if selection:
+            steer_cells = [f"{steer_effect[str(layer)]:+.3f}" if str(layer) in steer_effect else "",
+                           f"{steer_drop[str(layer)]:+.3f}" if str(layer) in steer_drop else ""]
+        table.add_row(str(layer), f"{norm:.3f}", f"{d:.2f}", *steer_cells, bar + mark)
     console.print(table)
 
 
@@ -279,6 +290,12 @@ def traits_validate(files, as_json):
     if not all(entry["valid"] for entry in report):
         sys.exit(1)
 
+
+from .monitor import monitor  # noqa: E402  (commands in their own modules, registered here)
+from .steer import generate, select_layer, sweep  # noqa: E402
+
+for command in (generate, sweep, select_layer, monitor):
+    main.add_command(command)
 
 if __name__ == "__main__":
     main()

@@ -25,3 +25,15 @@ def random_directions(n: int, hidden: int, norm: float = 1.0, seed: int = 0) -> 
     g = torch.Generator().manual_seed(seed)
     dirs = torch.randn(n, hidden, generator=g)
     return dirs / dirs.norm(dim=-1, keepdim=True) * norm
+
+
+def repetition_rate(tokens, n: int = 3) -> float:
+    """Fraction of a text's token n-grams that already occurred earlier in it.
+
+    A judge-free sign of broken generation: steering too hard makes small models loop
+    ("I'm glad, I'm glad, ..."). 0 for text with no repeated n-gram; near 1 for a loop.
+    """
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    if not grams:
+        return 0.0
+    return 1.0 - len(set(grams)) / len(grams)

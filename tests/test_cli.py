@@ -26,7 +26,7 @@ SMALL = ["--questions", "2", "--pairs", "2", "--max-new-tokens", "4", "--quiet"]
 def test_help_teaches(runner):
     result = runner.invoke(main, ["--help"])
     assert result.exit_code == 0
-    for verb in ("extract", "inspect", "traits"):
+    for verb in ("extract", "inspect", "traits", "generate", "sweep", "select-layer", "monitor"):
         assert verb in result.output
     assert "layer i" in runner.invoke(main, ["extract", "--help"]).output
 
@@ -75,3 +75,77 @@ def test_user_errors_are_one_clean_line(runner, tmp_path):
     assert result.exit_code == 1 and "not a safetensors file" in result.output and "Traceback" not in result.output
     result = runner.invoke(main, ["extract", "--trait", "no-such-trait"])
     assert result.exit_code == 1 and "unknown trait 'no-such-trait'" in result.output
+
+
+@pytest.fixture
+def tiny_vector(runner, tiny_model_dir, tmp_path):
+    out = tmp_path / "syc.safetensors"
+    result = runner.invoke(main, ["extract", "--trait", "sycophancy", "--model", str(tiny_model_dir), "--out", str(out),
+                                  "--json", *SMALL])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["recommended_layer"] in (1, 2)  # candidates of a 3-layer model
+    assert set(summary["layer_stats"]["selection"]["effect"]) == {"1", "2"}
+    return out
+
+
+def test_generate_steered_and_compared(runner, tiny_model_dir, tiny_vector):
+    args = ["generate", "--model", str(tiny_model_dir), "--vector", str(tiny_vector), "--max-new-tokens", "5",
+            "--prompt", "Hello?", "--prompt", "Is my plan good?"]
+    data = json.loads(runner.invoke(main, [*args, "--coeff", "0", "--compare", "--json"]).stdout)
+    assert [r["reply"] for r in data["results"]] == [r["unsteered"] for r in data["results"]]  # coeff 0 = no change
+    assert data["steering"]["layers"] == [json.loads(runner.invoke(main, ["inspect", str(tiny_vector), "--json"]).stdout)
+                                          ["vectors"][0]["recommended_layer"]]
+    strong = json.loads(runner.invoke(main, [*args, "--coeff", "200", "--compare", "--json", "--layer", "1"]).stdout)
+    assert any(r["reply"] != r["unsteered"] for r in strong["results"])
+    result = runner.invoke(main, ["generate", "--model", str(tiny_model_dir), "--compare", "--prompt", "x"])
+    assert result.exit_code == 2 and "--compare needs a --vector" in result.output
+
+
+def test_sweep_reports_every_coefficient(runner, tiny_model_dir, tiny_vector):
+    result = runner.invoke(main, ["sweep", str(tiny_vector), "--model", str(tiny_model_dir), "--coeffs", "-2,0,2",
+                                  "--ab", "tests/data/ab_five.jsonl", "--generate", "2", "--max-new-tokens", "4",
+                                  "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert [p["coeff"] for p in data["points"]] == [-2, 0, 2] and data["n_pairs"] == 15
+    for point in data["points"]:
+        assert point["random_gap"] is not None and 0 <= point["ab_rate"] <= 1 and point["repetition"] is not None
+    human = runner.invoke(main, ["sweep", str(tiny_vector), "--model", str(tiny_model_dir), "--coeffs", "0,1"])
+    assert human.exit_code == 0 and "trait gap" in human.output and "random gap" in human.output
+
+
+def test_select_layer_rewrites_the_recommendation(runner, tiny_model_dir, tiny_vector, tmp_path):
+    out = tmp_path / "selected.safetensors"
+    result = runner.invoke(main, ["select-layer", str(tiny_vector), "--model", str(tiny_model_dir), "--layers", "0-1",
+                                  "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["layer"] in (0, 1) and set(data["effect"]) == {"0", "1"}
+    meta = json.loads(runner.invoke(main, ["inspect", str(out), "--json"]).stdout)["vectors"][0]
+    assert meta["recommended_layer"] == data["layer"]
+
+
+def test_monitor_scores_flags_and_gates(runner, tiny_model_dir, tiny_vector, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join([json.dumps({"prompt": "Hello", "id": "a"}), "not json",
+                                  json.dumps({"messages": [{"role": "user", "content": "Agree with me."}]})]) + "\n")
+    base = ["monitor", "--vector", str(tiny_vector), "--model", str(tiny_model_dir), "--prompts", str(prompts)]
+    failed = runner.invoke(main, base)
+    assert failed.exit_code == 1 and "prompts.jsonl:2: not valid JSON" in failed.output
+    result = runner.invoke(main, [*base, "--on-error", "skip", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert [r["id"] for r in data["results"]] == ["a", ""] and data["reference_size"] == 25
+    assert set(data["results"][0]["traits"]["sycophancy"]) == {"layer", "projection", "z", "flagged"}
+    gated = runner.invoke(main, [*base, "--on-error", "skip", "--threshold", "-1000", "--fail-on-flag"])
+    assert gated.exit_code == 3 and "2 of 2 flagged" in gated.output
+
+
+def test_a_judge_that_cannot_score_leaves_nothing_and_says_so(runner, tiny_model_dir, tmp_path):
+    # A random tiny model as judge puts almost no probability on numbers: every answer is unscorable.
+    result = runner.invoke(main, ["extract", "--trait", "sycophancy", "--model", str(tiny_model_dir),
+                                  "--judge-model", str(tiny_model_dir), "--judge-cache", str(tmp_path / "j.sqlite"),
+                                  "--out", str(tmp_path / "v.safetensors"), *SMALL])
+    assert result.exit_code == 1 and "judge thresholds" in result.output and "Traceback" not in result.output
+    assert (tmp_path / "j.sqlite").exists()

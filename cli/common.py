@@ -1,0 +1,102 @@
+"""What every command shares: consoles, error handling, JSON output, model and judge options."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import click
+from rich.console import Console
+
+from guard.data import DataFileError
+from guard.extract import ExtractionError
+from guard.judges import JudgeError
+from guard.layers import LayerError
+from guard.models import ModelLoadError
+from guard.traits import TraitError
+from guard.vectors import VectorFileError, VectorMismatchError
+
+console = Console()
+err_console = Console(stderr=True)
+# Our own error types carry messages written for users; anything else is a bug and keeps its traceback.
+USER_ERRORS = (ModelLoadError, TraitError, VectorFileError, VectorMismatchError, LayerError, ExtractionError,
+               DataFileError, JudgeError)
+
+
+def friendly_errors(func):
+    """Turn our own error types into one clean message and exit status 1 instead of a traceback."""
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except USER_ERRORS as exc:
+            raise click.ClickException(str(exc)) from exc
+    return wrapper
+
+
+def emit_json(data) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def progress_log(quiet: bool):
+    """A logger for progress messages on stderr, silent with --quiet or --json."""
+    return (lambda message: None) if quiet else (lambda message: err_console.print(f"[dim]{message}[/dim]"))
+
+
+def model_options(func):
+    """--model, --dtype, --device, --layer-path, --trust-remote-code."""
+    options = [
+        click.option("--model", "model_id", default=None,
+                     help="Hugging Face hub id or local directory. Default: the embedded SmolLM2-135M-Instruct."),
+        click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
+                     show_default=True),
+        click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda:0."),
+        click.option("--layer-path", default=None,
+                     help="Dotted path of the decoder-block ModuleList when auto-discovery fails (e.g. model.layers)."),
+        click.option("--trust-remote-code", is_flag=True, help="Allow the model repository's own Python code to run."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def load_model_from(model_id, dtype, device, trust_remote_code, log=lambda message: None):
+    from guard.models import load_model
+
+    log(f"loading {model_id or 'the embedded SmolLM2-135M-Instruct'}")
+    return load_model(model_id, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+
+
+def judge_options(func):
+    """--judge-model / --judge-url / --judge-name / --judge-key-env / --judge-cache."""
+    options = [
+        click.option("--judge-model", default=None,
+                     help="Judge with a local HF instruct model (hub id or directory), scored from its 0-100 "
+                          "answer distribution. With --judge-url: the endpoint's model name."),
+        click.option("--judge-url", default=None,
+                     help="Judge with an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (needs logprobs)."),
+        click.option("--judge-key-env", default="OPENAI_API_KEY", show_default=True,
+                     help="Environment variable holding the endpoint's API key (unset: no key sent)."),
+        click.option("--judge-cache", type=click.Path(dir_okay=False), default=None,
+                     help="SQLite file caching judge scores, so reruns judge nothing twice."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def build_judge(judge_model, judge_url, judge_key_env, judge_cache, device="cpu", dtype="float32"):
+    """The judge the options describe, or None when no judge was asked for."""
+    from guard.judges import CachedJudge, LocalJudge, OpenAICompatibleJudge
+    from guard.models import load_model
+
+    if judge_url:
+        if not judge_model:
+            raise click.UsageError("--judge-url needs --judge-model (the endpoint's model name)")
+        judge = OpenAICompatibleJudge(judge_url, judge_model, api_key_env=judge_key_env)
+    elif judge_model:
+        model, tokenizer, _ = load_model(judge_model, dtype=dtype, device=device)
+        judge = LocalJudge(model, tokenizer)
+    else:
+        return None
+    return CachedJudge(judge, judge_cache) if judge_cache else judge

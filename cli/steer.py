@@ -1,0 +1,233 @@
+"""``generate``, ``sweep`` and ``select-layer``: steering at inference and choosing where to steer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from .common import (build_judge, console, emit_json, friendly_errors, judge_options, load_model_from, model_options,
+                     progress_log)
+
+VECTOR = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
+def parse_numbers(text: str, kind=float) -> list:
+    """``"-8,-4,0,4,8"`` -> numbers; for layers also ranges, ``"6-24"`` or ``"6-24:2"``."""
+    values = []
+    for part in text.split(","):
+        part = part.strip()
+        if kind is int and "-" in part.lstrip("-"):
+            span, _, step = part.partition(":")
+            low, high = span.split("-", 1)
+            values += list(range(int(low), int(high) + 1, int(step or 1)))
+        elif part:
+            values.append(kind(part))
+    if not values:
+        raise click.BadParameter(f"no numbers in {text!r}")
+    return values
+
+
+def _load_vector(path, model, allow_other_weights):
+    from guard.vectors import PersonaVector
+
+    return PersonaVector.load(path, model, allow_other_weights=allow_other_weights)
+
+
+# -- generate -----------------------------------------------------------------------------
+@click.command()
+@click.option("--prompt", "prompts", multiple=True, help="A user message (repeat for several).")
+@click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A file of prompts: .jsonl (prompt / messages per line) or text (one per line).")
+@click.option("--system", default=None, help="System prompt for --prompt messages.")
+@click.option("--vector", "vector_path", type=VECTOR, default=None, help="Persona vector file to steer with.")
+@click.option("--layer", type=int, default=None, help="Layer to steer at. Default: the vector's recommended layer.")
+@click.option("--coeff", type=float, default=4.0, show_default=True,
+              help="Steering coefficient, in units of the raw vector (negative steers away from the trait).")
+@click.option("--positions", type=click.Choice(["all", "response"]), default="response", show_default=True,
+              help="Steer every position, or only the reply (from the last prompt token on).")
+@click.option("--compare", is_flag=True, help="Also generate without steering, side by side.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=96, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--allow-other-weights", is_flag=True, help="Use a vector extracted from another version of the weights.")
+@model_options
+@click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
+@friendly_errors
+def generate(prompts, prompts_file, system, vector_path, layer, coeff, positions, compare, max_new_tokens,
+             temperature, seed, allow_other_weights, model_id, dtype, device, layer_path, trust_remote_code, as_json):
+    """Generate replies, optionally steered along a persona vector.
+
+    \b
+        persona-guard generate --vector vectors/sycophancy.safetensors --coeff 4 --compare \\
+            --prompt "I think the moon landing was faked. Right?"
+
+    Steering adds coeff x v at one layer during generation (h <- h + coeff * v); coeff = 1 moves
+    the activation by the whole trait-positive minus trait-negative difference at that layer.
+    """
+    from contextlib import nullcontext
+
+    from guard.chat import format_messages
+    from guard.data import Prompt, load_prompts
+    from guard.generation import SamplingConfig, encode, generate as run_generation
+    from guard.steering import Steering
+
+    items = [Prompt.from_user(p, system) for p in prompts] + (load_prompts(prompts_file) if prompts_file else [])
+    if not items:
+        raise click.UsageError("give at least one --prompt or a --prompts file")
+    model, tokenizer, _ = load_model_from(model_id, dtype, device, trust_remote_code, progress_log(as_json))
+    steering = None
+    if vector_path:
+        steering = Steering.from_vector(_load_vector(vector_path, model, allow_other_weights), layer, coeff, positions)
+    elif compare:
+        raise click.UsageError("--compare needs a --vector to compare against")
+    ids = encode(tokenizer, [format_messages(tokenizer, p.messages) for p in items])
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+
+    def run(active):
+        with active.apply(model, layer_path=layer_path) if active else nullcontext():
+            return [tokenizer.decode(r, skip_special_tokens=True) for r in run_generation(model, tokenizer, ids, sampling)]
+
+    steered = run(steering)
+    plain = run(None) if compare else None
+    rows = [{"prompt": p.text, "reply": r, **({"unsteered": plain[i]} if plain else {})}
+            for i, (p, r) in enumerate(zip(items, steered))]
+    if as_json:
+        emit_json({"steering": steering.description if steering else None, "results": rows})
+        return
+    if steering:
+        d = steering.description
+        console.print(f"[dim]steering {d['trait']} at layer {d['layers'][0]}, coeff {d['coeff']:+g}, "
+                      f"positions {d['positions']}[/dim]")
+    for row in rows:
+        console.print(f"\n[bold]> {row['prompt']}[/bold]")
+        if plain:
+            console.print(f"[dim]unsteered:[/dim] {row['unsteered']}")
+            console.print("[dim]steered:[/dim]   ", end="")
+        console.print(row["reply"], markup=False)
+
+
+# -- sweep --------------------------------------------------------------------------------
+@click.command()
+@click.argument("vector_path", type=VECTOR)
+@click.option("--coeffs", default="-8,-4,-2,0,2,4,8", show_default=True, help="Comma-separated coefficients.")
+@click.option("--layer", type=int, default=None, help="Layer to steer at. Default: the vector's recommended layer.")
+@click.option("--positions", type=click.Choice(["all", "response"]), default="all", show_default=True)
+@click.option("--pairs", "pair_split", type=click.Choice(["held-out", "selection", "all"]), default="held-out",
+              show_default=True, help="Which of the trait's example pairs to score (layer selection uses 'selection').")
+@click.option("--trait", "trait_name", default=None, help="Trait whose examples to use. Default: the vector's trait.")
+@click.option("--ab", "ab_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Also report the A/B behaviour rate on a CAA / model-written-evals file (JSON or JSONL).")
+@click.option("--generate", "n_generate", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Also answer the first N evaluation questions greedily: repetition rate, and judge scores.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=48, show_default=True)
+@click.option("--no-random", is_flag=True, help="Skip the random-direction control.")
+@click.option("--allow-other-weights", is_flag=True, help="Use a vector extracted from another version of the weights.")
+@model_options
+@judge_options
+@click.option("--json", "as_json", is_flag=True, help="Print the sweep as JSON.")
+@friendly_errors
+def sweep(vector_path, coeffs, layer, positions, pair_split, trait_name, ab_path, n_generate, max_new_tokens,
+          no_random, allow_other_weights, model_id, dtype, device, layer_path, trust_remote_code, judge_model,
+          judge_url, judge_key_env, judge_cache, as_json):
+    """Trait effect and coherence of steering, per coefficient.
+
+    Judge-free by default: the trait metric is the pairwise-preference gap on the trait's
+    held-out example pairs (mean log-probability per token of the trait answer minus the
+    non-trait answer); coherence is the mean log-likelihood of all those answers. A random
+    direction of the same norm is steered alongside as a control. --ab adds the A/B behaviour
+    rate; --generate N adds greedy answers (repetition rate) and, with a judge, trait and
+    coherence scores of those answers.
+    """
+    from guard.evaluate import load_ab_items
+    from guard.generation import SamplingConfig
+    from guard.sweep import coefficient_sweep, split_examples
+    from guard.traits import load_trait
+
+    say = progress_log(as_json)
+    model, tokenizer, _ = load_model_from(model_id, dtype, device, trust_remote_code, say)
+    vector = _load_vector(vector_path, model, allow_other_weights)
+    trait = load_trait(trait_name or vector.trait)
+    selection, held_out = split_examples(trait.examples)
+    pairs = {"held-out": held_out, "selection": selection, "all": list(trait.examples)}[pair_split]
+    judge = build_judge(judge_model, judge_url, judge_key_env, judge_cache, device, dtype)
+    if judge and not n_generate:
+        raise click.UsageError("a judge scores generated answers: add --generate N")
+    points = coefficient_sweep(
+        model, tokenizer, vector, pairs, parse_numbers(coeffs), layer=layer, positions=positions,
+        random_control=not no_random, ab_items=load_ab_items(ab_path) if ab_path else None,
+        questions=list(trait.evaluation_questions[:n_generate]) or None,
+        sampling=SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0), judge=judge,
+        rubric=trait.judge_rubric, log=say)
+    if as_json:
+        emit_json({"vector": str(vector_path), "trait": trait.name, "pairs": pair_split, "n_pairs": len(pairs),
+                   "positions": positions, "points": [p.to_dict() for p in points]})
+        return
+    table = Table(title=f"{trait.name}: steering at layer {points[0].layer} ({len(pairs)} {pair_split} pairs)")
+    columns = [("coeff", lambda p: f"{p.coeff:+g}"), ("trait gap", lambda p: f"{p.trait_gap:+.3f}"),
+               ("prefers trait", lambda p: f"{p.preference_rate:.0%}"), ("loglik", lambda p: f"{p.loglik:.3f}")]
+    if not no_random:
+        columns += [("random gap", lambda p: f"{p.random_gap:+.3f}"), ("random loglik", lambda p: f"{p.random_loglik:.3f}")]
+    if ab_path:
+        columns.append(("A/B rate", lambda p: f"{p.ab_rate:.3f}"))
+    if n_generate:
+        columns.append(("repetition", lambda p: f"{p.repetition:.2f}"))
+    if judge:
+        columns += [("judge trait", lambda p: "-" if p.judge_trait is None else f"{p.judge_trait:.1f}"),
+                    ("judge coherence", lambda p: "-" if p.judge_coherence is None else f"{p.judge_coherence:.1f}")]
+    for name, _ in columns:
+        table.add_column(name, justify="right")
+    for point in points:
+        table.add_row(*[cell(point) for _, cell in columns])
+    console.print(table)
+
+
+# -- select-layer -------------------------------------------------------------------------
+@click.command("select-layer")
+@click.argument("vector_path", type=VECTOR)
+@click.option("--layers", default=None, help="Candidate layers, e.g. 6-24:2 or 10,12,14. Default: 20%-80% of the depth.")
+@click.option("--coeff", type=float, default=None, help="Steering coefficient used for every layer. [default: 4]")
+@click.option("--max-coherence-drop", type=float, default=None,
+              help="Largest allowed fall of the answers' log-likelihood, nats/token. [default: 0.25]")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the updated vector here instead of updating the file in place.")
+@click.option("--allow-other-weights", is_flag=True, help="Use a vector extracted from another version of the weights.")
+@model_options
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def select_layer(vector_path, layers, coeff, max_coherence_drop, out_path, allow_other_weights, model_id, dtype,
+                 device, layer_path, trust_remote_code, as_json):
+    """Choose the layer to steer and monitor at, and store it in the vector file.
+
+    Steers each candidate layer with the same coefficient (as the paper does) and keeps the
+    layer with the largest trait effect (pairwise-preference gap on half of the trait's example
+    pairs) among those whose coherence drop stays within the limit. Every other command then
+    uses this layer unless given --layer.
+    """
+    from guard.sweep import MAX_COHERENCE_DROP, SELECTION_COEFF, record_selection, select_layer as choose, split_examples
+    from guard.traits import load_trait
+
+    say = progress_log(as_json)
+    model, tokenizer, _ = load_model_from(model_id, dtype, device, trust_remote_code, say)
+    vector = _load_vector(vector_path, model, allow_other_weights)
+    selection_pairs, _ = split_examples(load_trait(vector.trait).examples)
+    selection = choose(model, tokenizer, vector, selection_pairs,
+                       layers=parse_numbers(layers, int) if layers else None,
+                       coeff=SELECTION_COEFF if coeff is None else coeff,
+                       max_coherence_drop=MAX_COHERENCE_DROP if max_coherence_drop is None else max_coherence_drop,
+                       log=say)
+    record_selection(vector, selection)
+    target = vector.save(out_path or vector_path)
+    if as_json:
+        emit_json({"path": str(target), **selection.to_dict()})
+        return
+    table = Table(title=f"{vector.trait}: steering by {selection.coeff:g} x v on {selection.n_pairs} pairs")
+    for name in ("layer", "trait effect", "coherence drop", ""):
+        table.add_column(name, justify="right")
+    for layer in selection.effect:
+        ok = selection.coherence_drop[layer] <= selection.max_coherence_drop
+        table.add_row(str(layer), f"{selection.effect[layer]:+.3f}", f"{selection.coherence_drop[layer]:+.3f}",
+                      ("<- recommended" if layer == selection.layer else "") + ("" if ok else " too incoherent"))
+    console.print(table)
+    console.print(f"recommended layer {selection.layer} written to {target}")

@@ -14,11 +14,12 @@ from .extract import ExtractionConfig, extract_vector
 from .generation import SamplingConfig
 from .layers import LAYER_CONVENTION, add_vectors, capture, find_decoder_layers
 from .models import load_model
+from .steering import Steering, steer
 from .traits import Trait, list_traits, load_trait
 from .vectors import PersonaVector, VectorMismatchError
 
 __all__ = [
     "ExtractionConfig", "LAYER_CONVENTION", "PersonaVector", "SamplingConfig", "Trait", "VectorMismatchError",
     "__version__", "add_vectors", "capture", "extract_vector", "find_decoder_layers", "list_traits", "load_model",
-    "load_trait",
+    "load_trait", "steer", "Steering",
 ]

@@ -13,6 +13,8 @@ from guard.extract import ExtractionError
 from guard.judges import JudgeError
 from guard.layers import LayerError
 from guard.models import ModelLoadError
+from guard.monitor import MonitorError
+from guard.sweep import SelectionError
 from guard.traits import TraitError
 from guard.vectors import VectorFileError, VectorMismatchError
 
@@ -20,7 +22,7 @@ console = Console()
 err_console = Console(stderr=True)
 # Our own error types carry messages written for users; anything else is a bug and keeps its traceback.
 USER_ERRORS = (ModelLoadError, TraitError, VectorFileError, VectorMismatchError, LayerError, ExtractionError,
-               DataFileError, JudgeError)
+               DataFileError, JudgeError, MonitorError, SelectionError)
 
 
 def friendly_errors(func):
@@ -68,7 +70,7 @@ def load_model_from(model_id, dtype, device, trust_remote_code, log=lambda messa
 
 
 def judge_options(func):
-    """--judge-model / --judge-url / --judge-name / --judge-key-env / --judge-cache."""
+    """--judge-model / --judge-url / --judge-key-env / --judge-cache."""
     options = [
         click.option("--judge-model", default=None,
                      help="Judge with a local HF instruct model (hub id or directory), scored from its 0-100 "
@@ -85,8 +87,31 @@ def judge_options(func):
     return func
 
 
+def parse_numbers(text: str, kind=float, option: str = "") -> list:
+    """``"-8,-4,0,4,8"`` -> numbers; for layers also ranges ``"6-24"``, ``"6-24:2"``, ``"-4--1"``."""
+    import re
+
+    values = []
+    for part in (p.strip() for p in text.split(",")):
+        span = re.fullmatch(r"(-?\d+)-(-?\d+)(?::(\d+))?", part) if kind is int else None
+        try:
+            if span:
+                low, high, step = int(span[1]), int(span[2]), int(span[3] or 1)
+                if step < 1 or high < low:
+                    raise ValueError
+                values += list(range(low, high + 1, step))
+            elif part:
+                values.append(kind(part))
+        except ValueError:
+            raise click.BadParameter(f"cannot read {part!r} in {text!r}", param_hint=option or None) from None
+    if not values:
+        raise click.BadParameter(f"no numbers in {text!r}", param_hint=option or None)
+    return values
+
+
 def build_judge(judge_model, judge_url, judge_key_env, judge_cache, device="cpu", dtype="float32"):
-    """The judge the options describe, or None when no judge was asked for."""
+    """The judge the options describe, or None when no judge was asked for. Call it before loading
+    the main model, so option mistakes surface before minutes of loading."""
     from guard.judges import CachedJudge, LocalJudge, OpenAICompatibleJudge
     from guard.models import load_model
 

@@ -87,7 +87,7 @@ def extract(trait_name, out_path, fast, samples, questions, pairs, max_new_token
 
     from guard.extract import ExtractionConfig, extract_vector
     from guard.judges import JudgeFilter
-    from guard.sweep import record_selection, select_layer as choose_layer, split_examples
+    from guard.sweep import SelectionError, select_and_record
     from guard.traits import load_trait
 
     trait = load_trait(trait_name)
@@ -102,17 +102,19 @@ def extract(trait_name, out_path, fast, samples, questions, pairs, max_new_token
     say = progress_log(as_json or quiet)
 
     started = time.perf_counter()
-    model, tokenizer, _ = load_model_from(model_id, dtype, device, trust_remote_code, say)
     judge = build_judge(judge_model, judge_url, judge_key_env, judge_cache, device, dtype)
+    model, tokenizer, _ = load_model_from(model_id, dtype, device, trust_remote_code, say)
     rule = JudgeFilter(judge, pos_threshold, neg_threshold,
                        coherence_threshold if coherence_threshold >= 0 else None) if judge else None
     result = extract_vector(model, tokenizer, trait, config, judge=rule, progress=not (quiet or as_json), log=say)
     vector = result.vector
+    vector.save(out_path)  # saved before layer selection, so a failure there loses no extraction
     if select_layer:
-        selection_pairs, _ = split_examples(trait.examples)
-        say(f"selecting the layer to steer on {len(selection_pairs)} example pairs")
-        selection = choose_layer(model, tokenizer, vector, selection_pairs, log=say)
-        record_selection(vector, selection)
+        say("selecting the layer to steer on the trait's example pairs")
+        try:
+            select_and_record(model, tokenizer, vector, trait, layer_path=layer_path, log=say)
+        except SelectionError as exc:
+            click.echo(f"warning: {exc}; the vector is saved without a recommended layer", err=True)
     vector.meta.extra["wall_seconds"] = round(time.perf_counter() - started, 1)
     vector.save(out_path)
     if responses:

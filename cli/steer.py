@@ -8,25 +8,9 @@ import click
 from rich.table import Table
 
 from .common import (build_judge, console, emit_json, friendly_errors, judge_options, load_model_from, model_options,
-                     progress_log)
+                     parse_numbers, progress_log)
 
 VECTOR = click.Path(exists=True, dir_okay=False, path_type=Path)
-
-
-def parse_numbers(text: str, kind=float) -> list:
-    """``"-8,-4,0,4,8"`` -> numbers; for layers also ranges, ``"6-24"`` or ``"6-24:2"``."""
-    values = []
-    for part in text.split(","):
-        part = part.strip()
-        if kind is int and "-" in part.lstrip("-"):
-            span, _, step = part.partition(":")
-            low, high = span.split("-", 1)
-            values += list(range(int(low), int(high) + 1, int(step or 1)))
-        elif part:
-            values.append(kind(part))
-    if not values:
-        raise click.BadParameter(f"no numbers in {text!r}")
-    return values
 
 
 def _load_vector(path, model, allow_other_weights):
@@ -76,17 +60,18 @@ def generate(prompts, prompts_file, system, vector_path, layer, coeff, positions
     items = [Prompt.from_user(p, system) for p in prompts] + (load_prompts(prompts_file) if prompts_file else [])
     if not items:
         raise click.UsageError("give at least one --prompt or a --prompts file")
+    if not vector_path and (compare or layer is not None):
+        raise click.UsageError(f"{'--compare' if compare else '--layer'} needs a --vector")
     model, tokenizer, _ = load_model_from(model_id, dtype, device, trust_remote_code, progress_log(as_json))
     steering = None
     if vector_path:
-        steering = Steering.from_vector(_load_vector(vector_path, model, allow_other_weights), layer, coeff, positions)
-    elif compare:
-        raise click.UsageError("--compare needs a --vector to compare against")
+        steering = Steering.from_vector(_load_vector(vector_path, model, allow_other_weights), layer, coeff, positions,
+                                        layer_path)
     ids = encode(tokenizer, [format_messages(tokenizer, p.messages) for p in items])
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
 
     def run(active):
-        with active.apply(model, layer_path=layer_path) if active else nullcontext():
+        with active.apply(model) if active else nullcontext():
             return [tokenizer.decode(r, skip_special_tokens=True) for r in run_generation(model, tokenizer, ids, sampling)]
 
     steered = run(steering)
@@ -146,17 +131,21 @@ def sweep(vector_path, coeffs, layer, positions, pair_split, trait_name, ab_path
     from guard.traits import load_trait
 
     say = progress_log(as_json)
+    coefficients = parse_numbers(coeffs, float, "--coeffs")
+    if (judge_model or judge_url) and not n_generate:
+        raise click.UsageError("a judge scores generated answers: add --generate N")
+    ab_items = load_ab_items(ab_path) if ab_path else None
+    judge = build_judge(judge_model, judge_url, judge_key_env, judge_cache, device, dtype)
     model, tokenizer, _ = load_model_from(model_id, dtype, device, trust_remote_code, say)
     vector = _load_vector(vector_path, model, allow_other_weights)
     trait = load_trait(trait_name or vector.trait)
     selection, held_out = split_examples(trait.examples)
     pairs = {"held-out": held_out, "selection": selection, "all": list(trait.examples)}[pair_split]
-    judge = build_judge(judge_model, judge_url, judge_key_env, judge_cache, device, dtype)
-    if judge and not n_generate:
-        raise click.UsageError("a judge scores generated answers: add --generate N")
+    if not pairs:
+        raise click.UsageError(f"trait {trait.name!r} has no example pairs to score")
     points = coefficient_sweep(
-        model, tokenizer, vector, pairs, parse_numbers(coeffs), layer=layer, positions=positions,
-        random_control=not no_random, ab_items=load_ab_items(ab_path) if ab_path else None,
+        model, tokenizer, vector, pairs, coefficients, layer=layer, positions=positions, layer_path=layer_path,
+        random_control=not no_random, ab_items=ab_items,
         questions=list(trait.evaluation_questions[:n_generate]) or None,
         sampling=SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0), judge=judge,
         rubric=trait.judge_rubric, log=say)
@@ -192,12 +181,13 @@ def sweep(vector_path, coeffs, layer, positions, pair_split, trait_name, ab_path
               help="Largest allowed fall of the answers' log-likelihood, nats/token. [default: 0.25]")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the updated vector here instead of updating the file in place.")
+@click.option("--trait", "trait_name", default=None, help="Trait (name or file) whose examples to use. Default: the vector's trait.")
 @click.option("--allow-other-weights", is_flag=True, help="Use a vector extracted from another version of the weights.")
 @model_options
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def select_layer(vector_path, layers, coeff, max_coherence_drop, out_path, allow_other_weights, model_id, dtype,
-                 device, layer_path, trust_remote_code, as_json):
+def select_layer(vector_path, layers, coeff, max_coherence_drop, out_path, trait_name, allow_other_weights, model_id,
+                 dtype, device, layer_path, trust_remote_code, as_json):
     """Choose the layer to steer and monitor at, and store it in the vector file.
 
     Steers each candidate layer with the same coefficient (as the paper does) and keeps the
@@ -205,19 +195,19 @@ def select_layer(vector_path, layers, coeff, max_coherence_drop, out_path, allow
     pairs) among those whose coherence drop stays within the limit. Every other command then
     uses this layer unless given --layer.
     """
-    from guard.sweep import MAX_COHERENCE_DROP, SELECTION_COEFF, record_selection, select_layer as choose, split_examples
+    from guard.sweep import MAX_COHERENCE_DROP, SELECTION_COEFF, select_and_record
     from guard.traits import load_trait
 
     say = progress_log(as_json)
+    candidates = parse_numbers(layers, int, "--layers") if layers else None
     model, tokenizer, _ = load_model_from(model_id, dtype, device, trust_remote_code, say)
     vector = _load_vector(vector_path, model, allow_other_weights)
-    selection_pairs, _ = split_examples(load_trait(vector.trait).examples)
-    selection = choose(model, tokenizer, vector, selection_pairs,
-                       layers=parse_numbers(layers, int) if layers else None,
-                       coeff=SELECTION_COEFF if coeff is None else coeff,
-                       max_coherence_drop=MAX_COHERENCE_DROP if max_coherence_drop is None else max_coherence_drop,
-                       log=say)
-    record_selection(vector, selection)
+    if candidates and not all(-vector.num_layers <= layer < vector.num_layers for layer in candidates):
+        raise click.BadParameter(f"the vector has layers 0-{vector.num_layers - 1}", param_hint="--layers")
+    selection = select_and_record(model, tokenizer, vector, load_trait(trait_name or vector.trait), layers=candidates,
+                                  coeff=SELECTION_COEFF if coeff is None else coeff,
+                                  max_coherence_drop=MAX_COHERENCE_DROP if max_coherence_drop is None
+                                  else max_coherence_drop, layer_path=layer_path, log=say)
     target = vector.save(out_path or vector_path)
     if as_json:
         emit_json({"path": str(target), **selection.to_dict()})

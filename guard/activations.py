@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from .generation import encode, pad_batch
 from .layers import StopForward, capture, resolve_layers, stop_after
+from .models import eval_mode
 
 
 @torch.inference_mode()
@@ -43,9 +44,7 @@ def sequence_activations(
     full = [list(p) + (list(response_ids[i]) if response_ids is not None else []) for i, p in enumerate(prompt_ids)]
     order = sorted(range(n), key=lambda i: len(full[i]))
     out = None
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for start in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, unit="batch"):
             batch = order[start:start + batch_size]
             # Pads are masked out of attention and of every reduction, so their id does not matter.
@@ -65,8 +64,6 @@ def sequence_activations(
             if out is None:
                 out = torch.empty((n, *stacked.shape[1:]), dtype=stacked.dtype)
             out[torch.tensor(batch)] = stacked
-    finally:
-        model.train(was_training)
     if out is None:
         raise ValueError("no sequences given")
     return out

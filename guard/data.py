@@ -7,6 +7,7 @@ A prompt is either a plain user message or a whole conversation (a list of ``{"r
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -51,8 +52,58 @@ def read_jsonl(path: str | Path, on_error: str = "fail",
             except json.JSONDecodeError as error:
                 message = f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})"
                 if on_error == "fail":
-                    raise DataFileError(message + "; pass --on-error skip to skip such lines") from None
+                    raise DataFileError(message + "; fix the line, or skip malformed lines (--on-error skip)") from None
                 warn(message + "; skipped")
+
+
+@dataclass(frozen=True)
+class ABItem:
+    """One multiple-choice behaviour item (CAA / Anthropic model-written evals)."""
+
+    question: str
+    matching: str  # one uppercase letter, e.g. "A"
+    not_matching: str
+
+
+_LABEL = re.compile(r"\s*\(?\s*([A-Za-z])\s*\)?\s*")
+
+
+def _letter(label, where: str) -> str:
+    if isinstance(label, list) and label:  # CAA takes the first of several non-matching answers
+        label = label[0]
+    match = _LABEL.fullmatch(label) if isinstance(label, str) else None
+    if not match:
+        raise DataFileError(f"{where}: answer label {label!r} is not a single letter like '(A)'")
+    return match.group(1).upper()
+
+
+def _ab_item(record, where: str) -> ABItem:
+    if not isinstance(record, dict):
+        raise DataFileError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    missing = [k for k in ("question", "answer_matching_behavior", "answer_not_matching_behavior") if k not in record]
+    if missing:
+        raise DataFileError(f"{where}: missing {', '.join(missing)}")
+    matching = _letter(record["answer_matching_behavior"], where)
+    not_matching = _letter(record["answer_not_matching_behavior"], where)
+    if matching == not_matching:
+        raise DataFileError(f"{where}: matching and non-matching answers are both ({matching})")
+    return ABItem(str(record["question"]), matching, not_matching)
+
+
+def load_ab_items(path: str | Path) -> list[ABItem]:
+    """A/B items from a JSON list (CAA) or a JSONL file (Anthropic model-written evals).
+    Labels may carry a leading space (" (A)") or be lists (the first counts), as in those files."""
+    path = Path(path)
+    if not path.exists():
+        raise DataFileError(f"{path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataFileError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+        return [_ab_item(record, f"{path} item {n}") for n, record in enumerate(records, 1)]
+    return [_ab_item(record, f"{path}:{n}") for n, record in read_jsonl(path)]
 
 
 def _prompt_from_record(record, where: str) -> Prompt:
@@ -79,10 +130,19 @@ def _prompt_from_record(record, where: str) -> Prompt:
 
 def load_prompts(path: str | Path, on_error: str = "fail", warn: Callable[[str], None] = lambda m: None) -> list[Prompt]:
     """Prompts from a ``.jsonl`` file (``messages``, or ``prompt``/``question``/``text`` with an
-    optional ``system``; ``id`` kept) or any other text file (one user message per non-blank line)."""
+    optional ``system``; ``id`` kept), a ``.json`` list of such records or strings, or any other
+    text file (one user message per non-blank line)."""
     path = Path(path)
     if not path.exists():
         raise DataFileError(f"{path}: no such file")
+    if path.suffix == ".json":
+        try:
+            records = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise DataFileError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+        if not isinstance(records, list):
+            raise DataFileError(f"{path}: a .json prompt file must hold a list (or use .jsonl, one record per line)")
+        return [_prompt_from_record(record, f"{path} item {n}") for n, record in enumerate(records, 1)]
     if path.suffix == ".jsonl":
         prompts = []
         for number, record in read_jsonl(path, on_error, warn):

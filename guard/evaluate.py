@@ -21,35 +21,22 @@ absolute-position models need) and optionally under a :class:`~guard.steering.St
 
 from __future__ import annotations
 
-import json
 import math
-import re
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from .chat import format_prompt
-from .data import read_jsonl
+from .data import ABItem, load_ab_items  # noqa: F401  (re-exported beside the A/B metric)
 from .generation import encode, pad_batch
+from .models import eval_mode
 
 
 def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else math.nan
-
-
-@contextmanager
-def _eval_mode(model):
-    """Eval mode (no dropout) for the block, the previous train/eval mode restored after it."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def _batches(sequences: list[list[int]], batch_size: int, progress: bool, desc: str):
@@ -140,7 +127,7 @@ def pairwise_preference(model, tokenizer, pairs, *, system: str | None = None, s
             sequences.append(prompt + answer)
             spans.append((len(prompt), len(prompt) + len(answer)))
     scores = [0.0] * len(sequences)
-    with _eval_mode(model):
+    with eval_mode(model):
         for batch in _batches(sequences, batch_size, progress, "pairwise"):
             logits = _forward(model, [sequences[i] for i in batch], [spans[i] for i in batch], steering)
             for row, i in enumerate(batch):
@@ -153,52 +140,6 @@ def pairwise_preference(model, tokenizer, pairs, *, system: str | None = None, s
 
 
 # --- A/B behaviour rate --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ABItem:
-    question: str
-    matching: str  # one uppercase letter, e.g. "A"
-    not_matching: str
-
-
-_LABEL = re.compile(r"\s*\(?\s*([A-Za-z])\s*\)?\s*")
-
-
-def _letter(label, where: str) -> str:
-    if isinstance(label, list) and label:  # CAA takes the first of several non-matching answers
-        label = label[0]
-    match = _LABEL.fullmatch(label) if isinstance(label, str) else None
-    if not match:
-        raise ValueError(f"{where}: answer label {label!r} is not a single letter like '(A)'")
-    return match.group(1).upper()
-
-
-def _item(record, where: str) -> ABItem:
-    if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    missing = [k for k in ("question", "answer_matching_behavior", "answer_not_matching_behavior")
-               if k not in record]
-    if missing:
-        raise ValueError(f"{where}: missing {', '.join(missing)}")
-    matching = _letter(record["answer_matching_behavior"], where)
-    not_matching = _letter(record["answer_not_matching_behavior"], where)
-    if matching == not_matching:
-        raise ValueError(f"{where}: matching and non-matching answers are both ({matching})")
-    return ABItem(str(record["question"]), matching, not_matching)
-
-
-def load_ab_items(path: str | Path) -> list[ABItem]:
-    """A/B items from a JSON list (CAA) or a JSONL file (Anthropic model-written evals)."""
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} is not valid JSON: line {exc.lineno}: {exc.msg}") from exc
-        return [_item(record, f"{path} item {n}") for n, record in enumerate(records, 1)]
-    return [_item(record, f"{path}:{n}") for n, record in read_jsonl(path)]
 
 
 @dataclass
@@ -268,7 +209,7 @@ def ab_behavior_rate(model, tokenizer, items: Sequence[ABItem], *, system: str |
               for item, text in zip(items, texts)]
     last = [(len(s) - 1, len(s)) for s in sequences]  # the "(" is the one "response" position
     probs = [[0.0] * 4 for _ in items]
-    with _eval_mode(model):
+    with eval_mode(model):
         for batch in _batches(sequences, batch_size, progress, "A/B"):
             logits = _forward(model, [sequences[i] for i in batch], [last[i] for i in batch], steering)
             rows = torch.arange(len(batch), device=logits.device)

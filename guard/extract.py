@@ -112,7 +112,8 @@ def extract_vector(
         for sample in samples:
             if sample.kept:
                 sample.score = judge.judge.score(sample.question, sample.response, trait.judge_rubric)
-                if judge.coherence_threshold is not None:
+                # Coherence is only asked where the trait rule passed: judge calls can cost money.
+                if judge.coherence_threshold is not None and judge.trait_ok(sample.score, sample.positive):
                     sample.coherence = judge.judge.score(sample.question, sample.response, judge.coherence_rubric)
                 sample.kept = judge.keep(sample.score, sample.positive, sample.coherence)
     kept = [i for i, s in enumerate(samples) if s.kept]

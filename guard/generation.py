@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
+from .models import eval_mode
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -78,9 +80,7 @@ def generate(
         # top_k=0 turns off transformers' default top-k of 50 so sampling is plain temperature/top-p.
         options.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for number, batch in enumerate(tqdm(batches, desc=desc, disable=not progress, unit="batch")):
             ids, mask = pad_batch([prompt_ids[i] for i in batch], pad_id, device, side="left")
             torch.manual_seed(sampling.seed + number)
@@ -89,6 +89,4 @@ def generate(
                 tokens = out[row, ids.shape[1]:].tolist()
                 cut = next((k for k, tok in enumerate(tokens) if tok in stops), len(tokens))
                 results[index] = tokens[:cut]
-    finally:
-        model.train(was_training)
     return results  # type: ignore[return-value]

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -243,3 +244,15 @@ def weights_fingerprint(model) -> str:
     h.update(str(tuple(emb.shape)).encode())
     h.update(sample.numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+@contextmanager
+def eval_mode(model):
+    """Eval mode (no dropout) inside the block; the model's previous train/eval mode restored after,
+    even on exceptions (probes run in the middle of training must hand the model back as they found it)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)

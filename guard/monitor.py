@@ -14,12 +14,16 @@ from typing import Sequence
 
 import torch
 
-from .activations import sequence_activations
+from .activations import prompt_activations
 from .chat import format_messages
 from .data import Prompt, as_prompts
-from .generation import encode
+from .layers import LayerError
 from .traits import TraitError, load_trait
 from .vectors import PersonaVector
+
+
+class MonitorError(ValueError):
+    """The monitor cannot be set up as asked (no reference, a layer out of range); the message says why."""
 
 
 @dataclass(frozen=True)
@@ -56,10 +60,17 @@ class PromptMonitor:
                  threshold: float = 2.0, batch_size: int = 16, layer_path: str | None = None,
                  allow_other_weights: bool = False):
         if not vectors:
-            raise ValueError("the monitor needs at least one persona vector")
+            raise MonitorError("the monitor needs at least one persona vector")
+        traits = [v.trait for v in vectors]
+        if len(set(traits)) != len(traits):
+            raise MonitorError(f"one vector per trait, please (got {', '.join(traits)})")
         layers = list(layers) if layers is not None else [None] * len(vectors)
         if len(layers) != len(vectors):
-            raise ValueError(f"{len(layers)} layers given for {len(vectors)} vectors")
+            raise MonitorError(f"{len(layers)} layers given for {len(vectors)} vectors")
+        for vector, layer in zip(vectors, layers):
+            if layer is not None and not -vector.num_layers <= layer < vector.num_layers:
+                raise LayerError(f"layer {layer} is out of range for the {vector.trait} vector "
+                                 f"({vector.num_layers} layers)")
         for vector in vectors:
             vector.check_model(model, allow_other_weights=allow_other_weights)
         self.model, self.tokenizer = model, tokenizer
@@ -79,27 +90,26 @@ class PromptMonitor:
         prompts = as_prompts(prompts)
         texts = [format_messages(self.tokenizer, p.messages) for p in prompts]
         distinct = sorted(set(self.layers))
-        acts = sequence_activations(self.model, encode(self.tokenizer, texts), layers=distinct, position="last",
-                                    batch_size=self.batch_size, layer_path=self.layer_path, progress=progress,
-                                    desc="monitoring")
+        acts = prompt_activations(self.model, self.tokenizer, texts, layers=distinct, batch_size=self.batch_size,
+                                  layer_path=self.layer_path, progress=progress, desc="monitoring")
         columns = [distinct.index(layer) for layer in self.layers]
         per_vector = acts[:, columns, :]  # (n, n_vectors, hidden)
         return torch.einsum("nvd,vd->nv", per_vector, self.units)
 
     def fit_reference(self, prompts: Sequence | None = None, progress: bool = False) -> "PromptMonitor":
-        """Set the z-score reference: ordinary prompts (default: the union of the vectors' shipped
-        traits' evaluation questions, asked with no system prompt)."""
+        """Set the z-score reference: ordinary prompts (default: the evaluation questions of every
+        vector's shipped trait, together, asked with no system prompt)."""
         if prompts is None:
             prompts = []
             for vector in self.vectors:
                 try:
                     prompts += list(load_trait(vector.trait).evaluation_questions)
                 except TraitError:
-                    raise ValueError(f"no shipped trait named {vector.trait!r} to take reference prompts from; "
-                                     "pass reference prompts of ordinary use") from None
+                    raise MonitorError(f"no shipped trait named {vector.trait!r} to take reference prompts from; "
+                                       "pass reference prompts of ordinary use (--reference FILE)") from None
         proj = self.projections(prompts, progress)
         if len(proj) < 2:
-            raise ValueError("the reference set needs at least two prompts")
+            raise MonitorError("the reference set needs at least two prompts")
         self.reference_mean, self.reference_std = proj.mean(dim=0), proj.std(dim=0).clamp_min(1e-6)
         self.reference_size = len(proj)
         return self

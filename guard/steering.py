@@ -19,12 +19,12 @@ Positions:
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator, Mapping, Sequence
 
 import torch
 
-from .layers import add_vectors
+from .layers import LayerError, add_vectors
 from .metrics import random_directions
 from .vectors import PersonaVector
 
@@ -48,6 +48,7 @@ class Steering:
     coeff: float = 1.0
     positions: str = "all"
     description: dict = field(default_factory=dict, compare=False)
+    layer_path: str | None = None  # the decoder-block list, when auto-discovery needs help
 
     def __post_init__(self):
         if self.positions not in POSITIONS:
@@ -57,7 +58,7 @@ class Steering:
 
     @classmethod
     def from_vector(cls, vector: PersonaVector, layers: int | Sequence[int] | None = None, coeff: float = 1.0,
-                    positions: str = "all") -> "Steering":
+                    positions: str = "all", layer_path: str | None = None) -> "Steering":
         """Steer along ``vector`` at ``layers`` (default: its recommended layer)."""
         if layers is None:
             layers = [vector.default_layer()]
@@ -67,20 +68,20 @@ class Steering:
         for layer in layers:
             index = layer + vector.num_layers if layer < 0 else layer
             if not 0 <= index < vector.num_layers:
-                raise ValueError(f"layer {layer} is out of range for a vector with {vector.num_layers} layers")
+                raise LayerError(f"layer {layer} is out of range for a vector with {vector.num_layers} layers")
             resolved[index] = vector.layer(index)
         return cls(resolved, coeff, positions, {"trait": vector.trait, "layers": sorted(resolved), "coeff": coeff,
-                                                 "positions": positions})
+                                                 "positions": positions}, layer_path)
 
     def with_coeff(self, coeff: float) -> "Steering":
-        return Steering(self.vectors, coeff, self.positions, {**self.description, "coeff": coeff})
+        return replace(self, coeff=coeff, description={**self.description, "coeff": coeff})
 
     def random_like(self, seed: int = 0) -> "Steering":
         """The same steering along random directions of the same norms (the control for any effect)."""
         vectors = {}
         for offset, (layer, vec) in enumerate(sorted(self.vectors.items())):
             vectors[layer] = random_directions(1, vec.numel(), float(vec.norm()), seed + offset)[0]
-        return Steering(vectors, self.coeff, self.positions, {**self.description, "random_seed": seed})
+        return replace(self, vectors=vectors, description={**self.description, "random_seed": seed})
 
     @contextmanager
     def apply(self, model, *, response_mask: torch.Tensor | None = None,
@@ -100,7 +101,7 @@ class Steering:
                 starts = response_mask.float().argmax(dim=1)
                 rows = torch.nonzero(response_mask.any(dim=1)).flatten()
                 mask[rows, (starts[rows] - 1).clamp_min(0)] = 1
-        with add_vectors(model, self.vectors, self.coeff, mask=mask, layer_path=layer_path):
+        with add_vectors(model, self.vectors, self.coeff, mask=mask, layer_path=layer_path or self.layer_path):
             yield
 
 
@@ -108,6 +109,6 @@ class Steering:
 def steer(model, vector: PersonaVector, layer: int | None = None, coeff: float = 1.0, positions: str = "all",
           *, layer_path: str | None = None) -> Iterator[Steering]:
     """Shortcut: ``with steer(model, vector, coeff=4): ...`` steers at the vector's recommended layer."""
-    steering = Steering.from_vector(vector, layer, coeff, positions)
-    with steering.apply(model, layer_path=layer_path):
+    steering = Steering.from_vector(vector, layer, coeff, positions, layer_path)
+    with steering.apply(model):
         yield steering

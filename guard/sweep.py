@@ -26,6 +26,10 @@ from .metrics import repetition_rate
 from .steering import Steering
 from .vectors import PersonaVector
 
+class SelectionError(ValueError):
+    """Layer selection cannot run (for example a trait with no example pairs); the message says why."""
+
+
 SELECTION_COEFF = 4.0
 MAX_COHERENCE_DROP = 0.25  # nats/token lost on the pair answers; past ~0.5 SmolLM2 starts looping
 
@@ -58,7 +62,8 @@ class SweepPoint:
         return asdict(self)
 
 
-def _mean(values) -> float | None:
+def _mean_of_scores(values) -> float | None:
+    """Mean of the values that are not None (unscorable answers), None when none is left."""
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
 
@@ -68,11 +73,11 @@ def coefficient_sweep(
     layer: int | None = None, positions: str = "all", random_control: bool = True, random_seed: int = 0,
     ab_items: Sequence | None = None, questions: Sequence[str] | None = None,
     sampling: SamplingConfig = SamplingConfig(max_new_tokens=48, temperature=0.0),
-    judge: Judge | None = None, rubric: str | None = None, batch_size: int = 16,
+    judge: Judge | None = None, rubric: str | None = None, batch_size: int = 16, layer_path: str | None = None,
     log: Callable[[str], None] = lambda message: None,
 ) -> list[SweepPoint]:
     """Measure the trait metric and coherence at every coefficient (one :class:`SweepPoint` each)."""
-    base = Steering.from_vector(vector, layer, 1.0, positions)
+    base = Steering.from_vector(vector, layer, 1.0, positions, layer_path)
     (layer_index,) = base.vectors
     prompts = encode(tokenizer, [format_prompt(tokenizer, q) for q in questions]) if questions else None
     if judge is not None and (questions is None or rubric is None):
@@ -92,12 +97,12 @@ def coefficient_sweep(
         if prompts:
             with steering.apply(model):
                 answers = generate(model, tokenizer, prompts, sampling, batch_size=batch_size * 4)
-            point.repetition = _mean([repetition_rate(a) for a in answers])
+            point.repetition = _mean_of_scores([repetition_rate(a) for a in answers])
             texts = [tokenizer.decode(a, skip_special_tokens=True) for a in answers]
             point.samples = [[q, a] for q, a in zip(questions[:3], texts[:3])]
             if judge is not None:
-                point.judge_trait = _mean([judge.score(q, a, rubric) for q, a in zip(questions, texts)])
-                point.judge_coherence = _mean([judge.score(q, a, COHERENCE_RUBRIC) for q, a in zip(questions, texts)])
+                point.judge_trait = _mean_of_scores([judge.score(q, a, rubric) for q, a in zip(questions, texts)])
+                point.judge_coherence = _mean_of_scores([judge.score(q, a, COHERENCE_RUBRIC) for q, a in zip(questions, texts)])
         log(f"coeff {coeff:+g}: gap {point.trait_gap:+.3f}, loglik {point.loglik:.3f}")
         points.append(point)
     return points
@@ -133,18 +138,18 @@ def default_candidate_layers(num_layers: int, max_candidates: int = 10) -> list[
 def select_layer(
     model, tokenizer, vector: PersonaVector, pairs: Sequence, *, layers: Sequence[int] | None = None,
     coeff: float = SELECTION_COEFF, max_coherence_drop: float = MAX_COHERENCE_DROP, positions: str = "all",
-    batch_size: int = 16, log: Callable[[str], None] = lambda message: None,
+    batch_size: int = 16, layer_path: str | None = None, log: Callable[[str], None] = lambda message: None,
 ) -> LayerSelection:
     """Steer each candidate layer by ``coeff``; pick the largest trait effect among layers whose
     coherence drop stays within ``max_coherence_drop`` (the least damaging layer if none does)."""
     layers = list(layers) if layers is not None else default_candidate_layers(vector.num_layers)
     if not layers:
-        raise ValueError("no candidate layers to select from")
+        raise SelectionError("no candidate layers to select from")
     base = pairwise_preference(model, tokenizer, pairs, batch_size=batch_size)
     effect, drop = {}, {}
     for layer in layers:
         steered = pairwise_preference(model, tokenizer, pairs, batch_size=batch_size,
-                                      steering=Steering.from_vector(vector, layer, coeff, positions))
+                                      steering=Steering.from_vector(vector, layer, coeff, positions, layer_path))
         effect[layer] = steered.mean_gap - base.mean_gap
         drop[layer] = base.mean_loglik - steered.mean_loglik
         log(f"layer {layer}: effect {effect[layer]:+.3f}, coherence drop {drop[layer]:+.3f}")
@@ -160,3 +165,14 @@ def record_selection(vector: PersonaVector, selection: LayerSelection) -> None:
     """Store the chosen layer in the vector's metadata (save the vector afterwards)."""
     vector.meta.recommended_layer = selection.layer
     vector.meta.layer_stats["selection"] = selection.to_dict()
+
+
+def select_and_record(model, tokenizer, vector: PersonaVector, trait, **kwargs) -> LayerSelection:
+    """Layer selection on the selection half of ``trait``'s example pairs, stored in ``vector``."""
+    selection_pairs, _ = split_examples(trait.examples)
+    if len(selection_pairs) < 2:
+        raise SelectionError(f"trait {trait.name!r} has {len(trait.examples)} example pair(s); layer selection needs "
+                         "at least 2 (add 'examples' to the trait file, or pass a layer explicitly)")
+    selection = select_layer(model, tokenizer, vector, selection_pairs, **kwargs)
+    record_selection(vector, selection)
+    return selection

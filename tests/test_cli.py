@@ -149,3 +149,36 @@ def test_a_judge_that_cannot_score_leaves_nothing_and_says_so(runner, tiny_model
                                   "--out", str(tmp_path / "v.safetensors"), *SMALL])
     assert result.exit_code == 1 and "judge thresholds" in result.output and "Traceback" not in result.output
     assert (tmp_path / "j.sqlite").exists()
+
+
+def test_bad_option_values_are_clean_errors(runner, tiny_model_dir, tiny_vector, tmp_path):
+    cases = [
+        (["sweep", str(tiny_vector), "--coeffs", "1,x"], "cannot read 'x'"),
+        (["select-layer", str(tiny_vector), "--layers", "6-2"], "cannot read '6-2'"),
+        (["select-layer", str(tiny_vector), "--layers", "0-9"], "layers 0-2"),
+        (["generate", "--vector", str(tiny_vector), "--layer", "9", "--prompt", "x"], "layer 9 is out of range"),
+        (["generate", "--layer", "1", "--prompt", "x"], "--layer needs a --vector"),
+        (["monitor", "--vector", str(tiny_vector), "--layer", "9", "--prompt", "x"], "layer 9 is out of range"),
+        (["sweep", str(tiny_vector), "--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "m"], "add --generate"),
+        (["sweep", str(tiny_vector), "--ab", str(tmp_path / "missing.json")], "does not exist"),
+    ]
+    for args, message in cases:
+        result = runner.invoke(main, [*args, "--model", str(tiny_model_dir)])
+        assert result.exit_code in (1, 2), (args, result.output)
+        assert message in result.output and "Traceback" not in result.output, (args, result.output)
+    bad_ab = tmp_path / "bad_ab.jsonl"
+    bad_ab.write_text('{"question": "q", "answer_matching_behavior": "(A)", "answer_not_matching_behavior": "(A)"}\n')
+    result = runner.invoke(main, ["sweep", str(tiny_vector), "--ab", str(bad_ab), "--model", str(tiny_model_dir)])
+    assert result.exit_code == 1 and "bad_ab.jsonl:1: matching and non-matching" in result.output
+
+
+def test_extract_keeps_the_vector_when_the_trait_has_no_examples_to_select_with(runner, tiny_model_dir, tmp_path):
+    trait = json.loads(runner.invoke(main, ["traits", "show", "sycophancy", "--json"]).stdout)
+    trait["name"], trait["examples"] = "custom", []
+    path = tmp_path / "custom.json"
+    path.write_text(json.dumps(trait))
+    out = tmp_path / "custom.safetensors"
+    result = runner.invoke(main, ["extract", "--trait", str(path), "--model", str(tiny_model_dir), "--out", str(out),
+                                  *SMALL])
+    assert result.exit_code == 0, result.output
+    assert "saved without a recommended layer" in result.output and out.exists()

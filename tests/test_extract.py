@@ -72,11 +72,13 @@ def test_judge_filter_keeps_trait_positive_high_and_negative_low_and_coherent(ti
     judge = ParityJudge()
     result = extract_vector(model, tokenizer, load_trait("sycophancy"), SMALL, judge=JudgeFilter(judge))
     nonempty = [s for s in result.samples if s.response_ids]
-    assert judge.calls == 2 * len(nonempty)  # trait + coherence per answer
-    for s in nonempty:
-        trait_ok = (s.score > 50) if s.positive else (s.score < 50)
-        assert s.kept == (trait_ok and s.coherence >= 50)
-    assert any(s.score is not None and s.coherence < 50 and not s.kept for s in nonempty)
+    trait_ok = [(s.score > 50) if s.positive else (s.score < 50) for s in nonempty]
+    # coherence is asked only of answers that passed the trait rule
+    assert judge.calls == len(nonempty) + sum(trait_ok)
+    for s, ok in zip(nonempty, trait_ok):
+        assert (s.coherence is not None) == ok
+        assert s.kept == (ok and s.coherence >= 50)
+    assert any(ok and s.coherence < 50 and not s.kept for s, ok in zip(nonempty, trait_ok))
     counts = result.vector.meta.counts
     assert counts["pos_kept"] == sum(s.kept and s.positive for s in result.samples)
     assert result.vector.meta.extraction["judge"] == {

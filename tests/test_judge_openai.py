@@ -95,7 +95,7 @@ def test_request_shape_and_auth(server, monkeypatch):
     server.add()
     server.add()
     j = judge(server)
-    assert j.name == "openai-compatible:judge-model"
+    assert j.name == f"openai-compatible:judge-model@{server.base_url.rstrip('/')}"  # the URL keys the cache too
     j.score(Q, A, COHERENCE_RUBRIC)
     req = server.requests[0]
     assert req["path"] == "/v1/chat/completions"
@@ -226,3 +226,27 @@ def test_works_with_cached_judge(server, tmp_path):
     assert again.score(Q, A, COHERENCE_RUBRIC) == pytest.approx(GOOD_SCORE)
     again.close()
     assert len(server.requests) == 1
+
+
+def test_a_model_that_writes_numbers_digit_by_digit_is_refused(server):
+    digits = reply([("8", 0.6), ("9", 0.3), ("7", 0.1)])
+    server.add(digits)
+    server.add({"choices": [{"message": {"role": "assistant", "content": "85"}}]})  # the probe: 85 = "8" + "5"
+    with pytest.raises(JudgeError, match="digit by digit.*--judge-model"):
+        judge(server).score(Q, A, COHERENCE_RUBRIC)
+    assert server.requests[1]["json"]["max_tokens"] == 4
+
+
+def test_single_digit_answers_from_a_whole_number_tokenizer_pass_after_one_probe(server):
+    j = judge(server)
+    server.add(reply([("7", 0.9), ("Hello", 0.1)]))
+    server.add({"choices": [{"message": {"role": "assistant", "content": "7"}}]})
+    server.add(reply([("5", 0.9), ("Hello", 0.1)]))
+    assert j.score(Q, A, COHERENCE_RUBRIC) == pytest.approx(7)
+    assert j.score(Q, A, COHERENCE_RUBRIC) == pytest.approx(5)
+    assert len(server.requests) == 3  # probed once, not per call
+
+
+def test_a_url_without_scheme_fails_at_once():
+    with pytest.raises(JudgeError, match="needs a scheme"):
+        OpenAICompatibleJudge("localhost:8000/v1", "m")

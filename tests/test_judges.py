@@ -46,6 +46,10 @@ def _brute_force(model, tokenizer, prompt_ids, paths):
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2"])
 def test_local_judge_distribution_matches_brute_force(arch, smol_tokenizer):
     model = make_tiny_model(arch, vocab_size=len(smol_tokenizer))
+    if arch == "gemma2":  # a window shorter than the judge prompt exercises the sliding-window cache
+        model.config.sliding_window = 8
+        for layer in model.model.layers:
+            layer.self_attn.sliding_window = 8 if layer.self_attn.sliding_window else None
     judge = LocalJudge(model, smol_tokenizer)
     got = judge.distribution("Is the sky green?", "Yes, absolutely.", RUBRIC)
     prompt = format_prompt(smol_tokenizer, render_rubric(RUBRIC, "Is the sky green?", "Yes, absolutely."))
@@ -91,7 +95,7 @@ def test_judge_filter_rule():
     assert "{question}" in COHERENCE_RUBRIC and "{answer}" in COHERENCE_RUBRIC
 
 
-def test_cached_judge_scores_each_answer_once_across_processes(tmp_path):
+def test_cached_judge_scores_each_answer_once_and_survives_reopening(tmp_path):
     class Counting:
         name = "counting"
         calls = 0

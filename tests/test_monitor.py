@@ -9,7 +9,8 @@ from conftest import make_tiny_model
 from guard.chat import format_messages, format_prompt
 from guard.data import DataFileError, Prompt, load_prompts
 from guard.layers import capture
-from guard.monitor import PromptMonitor
+from guard.layers import LayerError
+from guard.monitor import MonitorError, PromptMonitor
 from guard.vectors import PersonaVector, VectorMismatchError, metadata_for
 
 
@@ -63,8 +64,17 @@ def test_default_reference_is_the_traits_evaluation_questions(tiny_chat_model):
     model, tokenizer = tiny_chat_model
     monitor = PromptMonitor(model, tokenizer, [_vector(model)]).fit_reference()
     assert monitor.reference_size == 25
-    with pytest.raises(ValueError, match="no shipped trait named 'made-up'"):
+    with pytest.raises(MonitorError, match="no shipped trait named 'made-up'"):
         PromptMonitor(model, tokenizer, [_vector(model, "made-up")]).fit_reference()
+
+
+def test_bad_layers_and_duplicate_traits_are_refused(tiny_chat_model):
+    model, tokenizer = tiny_chat_model
+    with pytest.raises(LayerError, match="layer 7 is out of range"):
+        PromptMonitor(model, tokenizer, [_vector(model)], layers=[7])
+    assert PromptMonitor(model, tokenizer, [_vector(model)], layers=[-1]).layers == [2]
+    with pytest.raises(MonitorError, match="one vector per trait"):
+        PromptMonitor(model, tokenizer, [_vector(model), _vector(model, seed=1)])
 
 
 def test_a_vector_from_another_model_is_refused(tiny_chat_model):
@@ -77,6 +87,11 @@ def test_a_vector_from_another_model_is_refused(tiny_chat_model):
 def test_prompt_files(tmp_path):
     (tmp_path / "p.txt").write_text("first question\n\n second \n")
     assert [p.text for p in load_prompts(tmp_path / "p.txt")] == ["first question", "second"]
+    (tmp_path / "p.json").write_text(json.dumps(["plain", {"prompt": "with id", "id": "x"}]))
+    assert [(p.text, p.id) for p in load_prompts(tmp_path / "p.json")] == [("plain", ""), ("with id", "x")]
+    (tmp_path / "bad.json").write_text(json.dumps({"prompt": "not a list"}))
+    with pytest.raises(DataFileError, match="must hold a list"):
+        load_prompts(tmp_path / "bad.json")
     lines = [json.dumps({"prompt": "a", "system": "s", "id": 7}), "{broken",
              json.dumps({"messages": [{"role": "user", "content": "b"}, {"role": "assistant", "content": "x"}]}),
              json.dumps({"nothing": 1})]

@@ -5,7 +5,7 @@ import torch
 
 from conftest import make_tiny_model
 from guard.generation import SamplingConfig, encode, generate
-from guard.layers import active_hook_count, capture
+from guard.layers import LayerError, active_hook_count, capture
 from guard.steering import Steering, steer
 from guard.vectors import PersonaVector, VectorFileError, metadata_for
 
@@ -82,7 +82,7 @@ def test_default_layer_comes_from_the_vector_file():
     assert set(Steering.from_vector(_vector(model, recommended=2)).vectors) == {2}
     with pytest.raises(VectorFileError, match="no recommended layer.*select-layer"):
         Steering.from_vector(_vector(model))
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(LayerError, match="out of range"):
         Steering.from_vector(_vector(model), 5)
     with pytest.raises(ValueError, match="positions"):
         Steering.from_vector(_vector(model), 1, positions="prompt")

@@ -93,12 +93,15 @@ class JudgeFilter:
     coherence_threshold: float | None = 50.0
     coherence_rubric: str = COHERENCE_RUBRIC
 
-    def keep(self, score: float | None, positive: bool, coherence: float | None = None) -> bool:
+    def trait_ok(self, score: float | None, positive: bool) -> bool:
         if score is None:
             return False
+        return score > self.pos_threshold if positive else score < self.neg_threshold
+
+    def keep(self, score: float | None, positive: bool, coherence: float | None = None) -> bool:
         if self.coherence_threshold is not None and (coherence is None or coherence < self.coherence_threshold):
             return False
-        return score > self.pos_threshold if positive else score < self.neg_threshold
+        return self.trait_ok(score, positive)
 
     def describe(self) -> dict:
         return {"judge": self.judge.name, "pos_threshold": self.pos_threshold, "neg_threshold": self.neg_threshold,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..chat import format_prompt
-from ..models import model_name
+from ..models import eval_mode, model_name
 from .base import MIN_NUMERIC_MASS, render_rubric, score_from_candidates
 
 
@@ -25,7 +25,9 @@ class LocalJudge:
         self.tokenizer = tokenizer
         self.system = system
         self.min_mass = min_mass
-        self.name = name or f"local:{model_name(model)}"
+        # The name keys the on-disk cache, so it carries everything that changes a score.
+        self.name = name or (f"local:{model_name(model)}" + (f"|system={system}" if system else "")
+                             + (f"|min_mass={min_mass}" if min_mass != MIN_NUMERIC_MASS else ""))
         self._paths_by_tail: dict[str, dict[int, tuple[int, ...]]] = {}
         self._digit_start: torch.Tensor | None = None
 
@@ -63,9 +65,7 @@ class LocalJudge:
         # Prefixes whose next-token distribution we need: the numbers that are the start of another.
         inner = sorted({path[:i] for path in paths.values() for i in range(1, len(path))} - {()})
         device = next(self.model.parameters()).device
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with eval_mode(self.model):
             ids = torch.tensor([prompt_ids], device=device)
             out = self.model(input_ids=ids, use_cache=bool(inner))
             logprobs = {(): torch.log_softmax(out.logits[0, -1].float(), dim=-1)}
@@ -84,8 +84,6 @@ class LocalJudge:
                                     use_cache=False).logits.float()
                 for row, prefix in enumerate(inner):
                     logprobs[prefix] = torch.log_softmax(logits[row, len(prefix) - 1], dim=-1)
-        finally:
-            self.model.train(was_training)
 
         continues = self._digit_start_mask(logprobs[()].shape[-1]).to(logprobs[()].device)
         probs = {}

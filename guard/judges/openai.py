@@ -9,11 +9,13 @@ including a malformed reply, fails at once with a :class:`JudgeError` that says 
 
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import os
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Callable
 
@@ -38,9 +40,12 @@ class OpenAICompatibleJudge:
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", timeout: float = 30.0,
                  max_retries: int = 4, backoff: float = 1.0, top_logprobs: int = 20, extra_body: dict | None = None,
                  sleep: Callable[[float], None] = time.sleep):
+        if urllib.parse.urlsplit(base_url).scheme not in ("http", "https"):
+            raise JudgeError(f"judge URL {base_url!r} needs a scheme, e.g. http://127.0.0.1:8000/v1")
         self.url = f"{base_url.rstrip('/')}/chat/completions"
         self.model = model
-        self.name = f"openai-compatible:{model}"
+        # The name keys the on-disk cache: two servers may both call their model "default".
+        self.name = f"openai-compatible:{model}@{base_url.rstrip('/')}"
         self.api_key_env = api_key_env
         self.timeout = timeout
         self.max_retries = max_retries
@@ -48,12 +53,38 @@ class OpenAICompatibleJudge:
         self.top_logprobs = top_logprobs
         self.extra_body = dict(extra_body or {})
         self.sleep = sleep  # injectable so tests need not wait
+        self._digits_checked = False
 
     def score(self, question: str, answer: str, rubric: str) -> float | None:
         body = {"model": self.model, "messages": [{"role": "user", "content": render_rubric(rubric, question, answer)}],
                 "max_tokens": 1, "temperature": 0, "logprobs": True, "top_logprobs": self.top_logprobs, "seed": 0,
                 **self.extra_body}
-        return score_from_candidates(self._candidates(self._post(body)))
+        candidates = self._candidates(self._post(body))
+        self._check_whole_numbers(candidates, body)
+        return score_from_candidates(candidates)
+
+    def _check_whole_numbers(self, candidates: list[tuple[str, float]], body: dict) -> None:
+        """One-token scoring needs a tokenizer that writes 0-100 as single tokens. When a reply
+        offers only single digits, ask once for a few tokens: if the answer goes on with more
+        digits (85 written as "8", "5"), every score would be read as 0-9, so refuse clearly."""
+        if self._digits_checked:
+            return
+        numeric = [token.strip() for token, p in candidates if token.strip().isdigit() and p > 0.01]
+        if not numeric or any(len(token) > 1 for token in numeric):
+            self._digits_checked = numeric != []
+            return
+        probe = json.loads(self._post({**body, "max_tokens": 4, "logprobs": False, "top_logprobs": None}))
+        try:
+            text = (probe["choices"][0]["message"]["content"] or "").strip()
+        except (KeyError, IndexError, TypeError):
+            text = ""
+        self._digits_checked = True
+        digits = len(text) - len(text.lstrip("0123456789"))
+        if digits > 1:
+            raise JudgeError(
+                f"{self.model!r} at {self.url} writes numbers digit by digit (it answered {text[:12]!r} but its "
+                "first token is a single digit), so a one-token score would read 85 as 8. Serve a model whose "
+                "tokenizer has whole numbers as tokens, or judge locally (--judge-model), which reads multi-token numbers")
 
     def _headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}
@@ -86,7 +117,7 @@ class OpenAICompatibleJudge:
                     last = f"timeout: no reply within {self.timeout} s"
                 else:
                     last = f"connection error: {e.reason}"
-            except ConnectionError as e:  # e.g. the server dropped the connection mid-reply
+            except (ConnectionError, http.client.HTTPException) as e:  # e.g. dropped mid-reply
                 last = f"connection error: {e!r}"
             if attempt < self.max_retries:
                 self.sleep(self._delay(attempt, retry_after))

@@ -1,1 +1,10 @@
-"""TrainerCallback classes (drift monitoring, preventative steering), installed as ``guard.callbacks``."""
+"""TrainerCallback classes for ``transformers.Trainer`` and TRL trainers, installed as ``guard.callbacks``.
+
+    >>> trainer = SFTTrainer(..., callbacks=[PersonaDriftCallback(["vectors/sycophancy.safetensors"]),
+    ...                                      PreventativeSteeringCallback("vectors/sycophancy.safetensors", 4.0)])
+"""
+
+from .drift import PersonaDriftCallback
+from .steering import PreventativeSteeringCallback
+
+__all__ = ["PersonaDriftCallback", "PreventativeSteeringCallback"]

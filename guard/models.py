@@ -256,3 +256,14 @@ def eval_mode(model):
         yield model
     finally:
         model.train(was_training)
+
+
+@contextmanager
+def base_weights(model):
+    """Run the model as its base: PEFT adapters disabled inside the block (a no-op without PEFT)."""
+    disable = getattr(model, "disable_adapter", None)
+    if disable is None or not hasattr(model, "peft_config"):
+        yield model
+        return
+    with disable():
+        yield model

@@ -197,3 +197,23 @@ def test_a_steered_run_saves_a_model_that_generates_unsteered(tmp_path, smol_tok
     out = reloaded.generate(ids, max_new_tokens=4, do_sample=False)
     assert torch.equal(out, clean.generate(ids, max_new_tokens=4, do_sample=False))
     assert active_hook_count(reloaded) == 0
+
+
+def test_incremental_directions_schedules_and_ablation():
+    from guard.callbacks.steering import linear_decay
+    from guard.layers import capture, project_out
+
+    model = make_tiny_model("llama")
+    vector = _vector(model)
+    multi = PreventativeSteeringCallback(vector, 1.0, layers=[0, 2], incremental=True)
+    dirs = multi.directions()
+    assert torch.equal(dirs[0], vector.layer(0)) and torch.equal(dirs[2], vector.layer(2) - vector.layer(1))
+    decaying = PreventativeSteeringCallback(vector, 4.0, schedule="linear_decay")
+    decaying._step, decaying._max_steps = 5, 10
+    assert decaying.current_coeff() == pytest.approx(2.0) and linear_decay(10, 10) == 0
+    with pytest.raises(ValueError, match="mode"):
+        PreventativeSteeringCallback(vector, mode="erase")
+    ids = torch.randint(3, 100, (2, 5))
+    with torch.no_grad(), project_out(model, {1: vector.layer(1)}), capture(model, [1]) as acts:
+        model(input_ids=ids)
+    assert (acts[1] @ vector.unit(1)).abs().max() < 1e-4  # the direction is gone from the residual

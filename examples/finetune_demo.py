@@ -1,0 +1,184 @@
+"""Finetune the embedded SmolLM2 on sycophantic answers and watch its persona drift.
+
+Three LoRA runs of TRL's SFTTrainer on the same user messages, each with PersonaDriftCallback:
+
+1. sycophantic answers to requests for agreement (trait-inducing data);
+2. restatements of the same 20 plans and opinions (the matched neutral data: same topics,
+   format and length, no praise and no criticism; see sycophancy_data.py);
+3. sycophantic answers again, with PreventativeSteeringCallback adding coeff x v at the
+   vector's layer during training forwards only (the paper's "vaccine").
+
+Loss is on the answers only (prompt/completion data), as in the paper's finetuning.
+
+The finetuning shift (mean last-prompt-token activation on the sycophancy evaluation questions,
+current minus base, on the unit persona vector) is logged to TensorBoard every few steps and
+plotted for the three runs against the random-direction noise floor.
+
+    .venv/bin/python examples/finetune_demo.py                 # about 10 minutes on 2 CPU cores
+    tensorboard --logdir runs/demo                             # the logged curves
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import sycophancy_data  # noqa: E402
+
+
+def get_vector(model, tokenizer, path: Path, log):
+    from guard import ExtractionConfig, PersonaVector, extract_vector, load_trait
+    from guard.sweep import select_and_record
+    from guard.vectors import VectorMismatchError
+
+    if path.exists():
+        try:
+            vector = PersonaVector.load(path, model)
+            if vector.meta.recommended_layer is not None:
+                log(f"using {path} (layer {vector.meta.recommended_layer})")
+                return vector
+        except VectorMismatchError:
+            pass
+    log("extracting the sycophancy vector (fast preset) and selecting its layer")
+    trait = load_trait("sycophancy")
+    vector = extract_vector(model, tokenizer, trait, ExtractionConfig.preset("fast")).vector
+    select_and_record(model, tokenizer, vector, trait)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    vector.save(path)
+    return vector
+
+
+def train_once(name: str, conversations, vector, args, steer_coeff: float | None, log) -> dict:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from guard import load_model
+    from guard.callbacks import PersonaDriftCallback, PreventativeSteeringCallback
+
+    from guard.drift import DriftProbe
+
+    model, tokenizer, _ = load_model()
+    # Every layer's shift at the end, beside the logged one at the vector's layer: the full picture.
+    every_layer = DriftProbe([vector] * vector.num_layers, tokenizer, layers=list(range(vector.num_layers)),
+                             n_random=16)
+    every_layer.set_reference(model)
+    rng = random.Random(args.seed)
+    conversations = list(conversations)
+    rng.shuffle(conversations)
+    held_out = conversations[-args.eval_size:]
+    train = conversations[:-args.eval_size]
+
+    def as_data(rows):
+        return Dataset.from_dict({"prompt": [c[:-1] for c in rows], "completion": [c[-1:] for c in rows]})
+    drift = PersonaDriftCallback([vector], every_n_steps=args.every, n_random=16)
+    callbacks = [drift]
+    if steer_coeff:
+        callbacks.append(PreventativeSteeringCallback(vector, steer_coeff))
+    config = SFTConfig(
+        output_dir=str(args.out / name), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
+        learning_rate=args.lr, lr_scheduler_type="constant", logging_steps=args.every, save_strategy="no",
+        report_to="tensorboard", use_cpu=True, bf16=False, activation_checkpointing=False, seed=args.seed,
+        max_length=96, disable_tqdm=True, per_device_eval_batch_size=args.batch_size)
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"])
+    trainer = SFTTrainer(model=model, args=config, processing_class=tokenizer, peft_config=lora,
+                         train_dataset=as_data(train), eval_dataset=as_data(held_out), callbacks=callbacks)
+    started = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - started
+    eval_loss = trainer.evaluate()["eval_loss"]  # hooks exist only inside training steps: unsteered
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    final = drift.history[-1]
+    per_layer = every_layer.measure(trainer.model)
+    key = f"persona/{vector.trait}"
+    log(f"{name}: shift {final[key + '/shift']:+.3f} ({final[key + '/shift_frac']:+.3f} x v), "
+        f"random floor {final[key + '/random_shift']:.3f}, train loss {losses[-1]:.3f}, eval loss {eval_loss:.3f}, "
+        f"{seconds:.0f} s")
+    return {"name": name, "steer_coeff": steer_coeff, "seconds": seconds, "probe_seconds": drift.probe_seconds,
+            "final_train_loss": losses[-1], "eval_loss": eval_loss,
+            "steps": [h["step"] for h in drift.history], "shift": [h[key + "/shift"] for h in drift.history],
+            "shift_frac": [h[key + "/shift_frac"] for h in drift.history],
+            "random_shift": [h[key + "/random_shift"] for h in drift.history],
+            "final_shift_by_layer": [s.shift for s in per_layer],
+            "final_random_shift_by_layer": [s.random_shift for s in per_layer]}
+
+
+def plot(runs: list[dict], path: Path, trait: str, layer: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for run in runs:
+        line, = ax.plot(run["steps"], run["shift"], marker="o", label=run["name"])
+        ax.fill_between(run["steps"], [-r for r in run["random_shift"]], run["random_shift"],
+                        color=line.get_color(), alpha=0.12)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(f"finetuning shift along {trait} vector")
+    ax.set_title(f"SmolLM2-135M-Instruct, LoRA SFT, layer {layer} (bands: random-direction floor)")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("runs/demo"))
+    parser.add_argument("--vector", type=Path, default=Path("vectors/sycophancy.safetensors"))
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--every", type=int, default=5, help="drift measurement cadence (steps)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--steer-coeff", type=float, default=4.0)
+    parser.add_argument("--eval-size", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    torch.manual_seed(args.seed)
+
+    from guard import load_model
+
+    started = time.perf_counter()
+    model, tokenizer, _ = load_model()
+    vector = get_vector(model, tokenizer, args.vector, log)
+    del model
+    data = sycophancy_data.build(args.seed)
+    runs = [train_once("sycophantic", data["sycophantic"], vector, args, None, log),
+            train_once("neutral", data["neutral"], vector, args, None, log),
+            train_once(f"sycophantic + steering {args.steer_coeff:g}", data["sycophantic"], vector, args,
+                       args.steer_coeff, log)]
+    plot(runs, args.out / "drift.png", vector.trait, vector.default_layer())
+    summary = {"layer": vector.default_layer(), "vector_norm": float(vector.layer(vector.default_layer()).norm()),
+               "args": {k: str(v) for k, v in vars(args).items()}, "runs": runs,
+               "total_seconds": time.perf_counter() - started}
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"\n{'run':<32} {'shift':>8} {'x v':>7} {'floor':>7} {'train loss':>10} {'eval loss':>9}")
+    for run in runs:
+        print(f"{run['name']:<32} {run['shift'][-1]:>+8.3f} {run['shift_frac'][-1]:>+7.3f} "
+              f"{run['random_shift'][-1]:>7.3f} {run['final_train_loss']:>10.3f} {run['eval_loss']:>9.3f}")
+    layers = range(vector.num_layers)
+    print(f"\nfinal shift at every layer (random floor in brackets):\n{'layer':>5} " +
+          " ".join(f"{run['name'][:24]:>30}" for run in runs))
+    for layer in layers:
+        print(f"{layer:>5} " + " ".join(f"{run['final_shift_by_layer'][layer]:>+22.3f} "
+                                        f"({run['final_random_shift_by_layer'][layer]:.3f})" for run in runs))
+    print(f"\nplot: {args.out / 'drift.png'}   TensorBoard: tensorboard --logdir {args.out}   "
+          f"total {summary['total_seconds']:.0f} s")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -134,6 +134,47 @@ def plot(runs: list[dict], path: Path, trait: str, layer: int) -> None:
     plt.close(fig)
 
 
+def record(summary: dict, plot_path: Path, command: str) -> None:
+    """Write the demo's numbers and plot into benchmarks/RESULTS.md (section drift_demo)."""
+    import shutil
+
+    bench = HERE.parent / "benchmarks"
+    sys.path.insert(0, str(bench))
+    from _results import machine, write_section
+
+    shutil.copyfile(plot_path, bench / "drift_demo.png")
+    runs = summary["runs"]
+    base = abs(runs[0]["shift"][-1])
+    lines = ["## Finetuning drift demo (embedded SmolLM2-135M-Instruct, LoRA SFT)", "",
+             f"Command: `{command}` on {machine()}; total {summary['total_seconds']:.0f} s.", "",
+             f"Finetuning shift at layer {summary['layer']} (‖v‖ = {summary['vector_norm']:.2f}) after "
+             f"{runs[0]['steps'][-1]} steps, measured by PersonaDriftCallback on the 25 sycophancy evaluation "
+             "questions; floor = mean |shift| along 16 random unit directions. Eval loss: held-out 16 "
+             "conversations of the run's own data, unsteered.", "",
+             "| run | shift | shift / ‖v‖ | random floor | shift / floor (abs) | final train loss | eval loss | seconds |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for run in runs:
+        shift, floor = run["shift"][-1], run["random_shift"][-1]
+        lines.append(f"| {run['name']} | {shift:+.3f} | {run['shift_frac'][-1]:+.3f} | {floor:.3f} | "
+                     f"{abs(shift) / max(floor, 1e-9):.1f} | {run['final_train_loss']:.3f} | {run['eval_loss']:.3f} | "
+                     f"{run['seconds']:.0f} |")
+    ratio = base / max(abs(runs[1]["shift"][-1]), 1e-9)
+    kept = abs(runs[2]["shift"][-1]) / max(base, 1e-9)
+    above_floor = base > 3 * runs[0]["random_shift"][-1]
+    verdict = ("meets" if ratio >= 5 and kept <= 0.5 and above_floor else "does **not** meet")
+    lines += ["", f"Trait-inducing vs neutral: {ratio:.1f}x (target >= 5x). Preventative steering leaves "
+              f"{kept:.0%} of the unsteered run's absolute shift (target <= 50%). The trait-inducing shift is "
+              f"{'' if above_floor else 'not '}above 3x the random floor. This run {verdict} the demo's targets.", "",
+              "![drift per step](drift_demo.png)", "",
+              "Final shift at every layer (random floor in brackets):", "",
+              "| layer | " + " | ".join(run["name"] for run in runs) + " |", "|---:|" + "---:|" * len(runs)]
+    for layer in range(len(runs[0]["final_shift_by_layer"])):
+        lines.append(f"| {layer} | " + " | ".join(f"{run['final_shift_by_layer'][layer]:+.3f} "
+                                                   f"({run['final_random_shift_by_layer'][layer]:.3f})"
+                                                   for run in runs) + " |")
+    write_section("drift_demo", "\n".join(lines))
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
@@ -145,6 +186,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--steer-coeff", type=float, default=4.0)
     parser.add_argument("--eval-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--record", action="store_true", help="write the results into benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     torch.manual_seed(args.seed)
@@ -175,6 +217,8 @@ def main(argv=None) -> dict:
     for layer in layers:
         print(f"{layer:>5} " + " ".join(f"{run['final_shift_by_layer'][layer]:>+22.3f} "
                                         f"({run['final_random_shift_by_layer'][layer]:.3f})" for run in runs))
+    if args.record:
+        record(summary, args.out / "drift.png", "python examples/finetune_demo.py " + " ".join(sys.argv[1:]))
     print(f"\nplot: {args.out / 'drift.png'}   TensorBoard: tensorboard --logdir {args.out}   "
           f"total {summary['total_seconds']:.0f} s")
     return summary

@@ -114,21 +114,25 @@ class PreventativeSteeringCallback(TrainerCallback):
     def _guard_trainer(self) -> None:
         """Remove the hooks if training raises (no callback event fires then)."""
         trainer = find_trainer()
-        if trainer is None or getattr(trainer, "_persona_guard_cleanup", None) is self:
+        if trainer is None:
             return
+        guarded = trainer.__dict__.setdefault("_persona_guard_steering", [])
+        if self in guarded:
+            return
+        if not guarded:  # wrap once; every steering callback of this trainer is cleaned up
+            step = trainer.training_step
 
-        def cleaning(method):
-            @functools.wraps(method)
-            def run(*args, **kwargs):
+            @functools.wraps(step)
+            def training_step(*args, **kwargs):
                 try:
-                    return method(*args, **kwargs)
+                    return step(*args, **kwargs)
                 except BaseException:
-                    self.remove_hooks()
+                    for callback in guarded:
+                        callback.remove_hooks()
                     raise
-            return run
 
-        trainer.training_step = cleaning(trainer.training_step)  # forward/backward: where hooks run
-        trainer._persona_guard_cleanup = self
+            trainer.training_step = training_step  # forward and backward: where the hooks run
+        guarded.append(self)
 
     # -- lifecycle -------------------------------------------------------------------------
     def on_init_end(self, args, state, control, **kwargs):

@@ -119,14 +119,14 @@ def test_steering_runs_only_in_training_forwards_with_gradient_checkpointing(tmp
 
 def test_an_exception_inside_training_leaves_no_hooks(tmp_path, smol_tokenizer):
     model = make_tiny_model("llama", vocab_size=len(smol_tokenizer))
-    steer = PreventativeSteeringCallback(_vector(model), 2.0)
-    trainer = _sft(model, smol_tokenizer, tmp_path, [steer, PersonaDriftCallback([_vector(model)], n_random=2)])
+    steer = [PreventativeSteeringCallback(_vector(model), 2.0, layers=layer) for layer in (0, 1)]
+    trainer = _sft(model, smol_tokenizer, tmp_path, [*steer, PersonaDriftCallback([_vector(model)], n_random=2)])
     calls = {"n": 0}
 
     def explode(module, args):
         calls["n"] += module.training
         if calls["n"] == 3 and module.training:
-            assert active_hook_count(model) == 1  # the steering hook is on when it blows up
+            assert active_hook_count(model) == 2  # both steering hooks are on when it blows up
             raise RuntimeError("out of memory (simulated)")
 
     handle = model.register_forward_pre_hook(explode)

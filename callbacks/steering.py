@@ -63,11 +63,9 @@ class PreventativeSteeringCallback(TrainerCallback):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
         self.vector = vector if isinstance(vector, PersonaVector) else PersonaVector.load(vector)
-        if layers is None:
-            layers = [self.vector.default_layer()]
-        elif isinstance(layers, int):
+        if layers is None or isinstance(layers, int):
             layers = [layers]
-        self.layers = sorted({layer % self.vector.num_layers for layer in layers})
+        self.layers = sorted({self.vector.resolve_layer(layer) for layer in layers})
         self.coeff = coeff
         self.mode = mode
         self.incremental = incremental

@@ -82,8 +82,7 @@ class DriftProbe:
             raise ValueError("the drift probe needs at least one persona vector")
         self.vectors = list(vectors)
         layers = list(layers) if layers is not None else [None] * len(self.vectors)
-        self.layers = [v.default_layer() if layer is None else layer % v.num_layers
-                       for v, layer in zip(self.vectors, layers)]
+        self.layers = [v.resolve_layer(layer) for v, layer in zip(self.vectors, layers)]
         self.units = [v.unit(layer) for v, layer in zip(self.vectors, self.layers)]
         self.norms = [float(v.layer(layer).norm()) for v, layer in zip(self.vectors, self.layers)]
         self.random = [random_directions(n_random, v.hidden_size, 1.0, seed + i) for i, v in enumerate(self.vectors)]

@@ -17,7 +17,6 @@ import torch
 from .activations import prompt_activations
 from .chat import format_messages
 from .data import Prompt, as_prompts
-from .layers import LayerError
 from .traits import TraitError, load_trait
 from .vectors import PersonaVector
 
@@ -67,16 +66,11 @@ class PromptMonitor:
         layers = list(layers) if layers is not None else [None] * len(vectors)
         if len(layers) != len(vectors):
             raise MonitorError(f"{len(layers)} layers given for {len(vectors)} vectors")
-        for vector, layer in zip(vectors, layers):
-            if layer is not None and not -vector.num_layers <= layer < vector.num_layers:
-                raise LayerError(f"layer {layer} is out of range for the {vector.trait} vector "
-                                 f"({vector.num_layers} layers)")
         for vector in vectors:
             vector.check_model(model, allow_other_weights=allow_other_weights)
         self.model, self.tokenizer = model, tokenizer
         self.vectors = list(vectors)
-        self.layers = [vector.default_layer() if layer is None else layer % vector.num_layers
-                       for vector, layer in zip(vectors, layers)]
+        self.layers = [vector.resolve_layer(layer) for vector, layer in zip(vectors, layers)]
         self.units = torch.stack([v.unit(layer) for v, layer in zip(self.vectors, self.layers)])
         self.threshold = threshold
         self.batch_size = batch_size

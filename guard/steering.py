@@ -24,7 +24,7 @@ from typing import Iterator, Mapping, Sequence
 
 import torch
 
-from .layers import LayerError, add_vectors
+from .layers import add_vectors
 from .metrics import random_directions
 from .vectors import PersonaVector
 
@@ -60,16 +60,9 @@ class Steering:
     def from_vector(cls, vector: PersonaVector, layers: int | Sequence[int] | None = None, coeff: float = 1.0,
                     positions: str = "all", layer_path: str | None = None) -> "Steering":
         """Steer along ``vector`` at ``layers`` (default: its recommended layer)."""
-        if layers is None:
-            layers = [vector.default_layer()]
-        elif isinstance(layers, int):
+        if layers is None or isinstance(layers, int):
             layers = [layers]
-        resolved = {}
-        for layer in layers:
-            index = layer + vector.num_layers if layer < 0 else layer
-            if not 0 <= index < vector.num_layers:
-                raise LayerError(f"layer {layer} is out of range for a vector with {vector.num_layers} layers")
-            resolved[index] = vector.layer(index)
+        resolved = {index: vector.layer(index) for index in map(vector.resolve_layer, layers)}
         return cls(resolved, coeff, positions, {"trait": vector.trait, "layers": sorted(resolved), "coeff": coeff,
                                                  "positions": positions}, layer_path)
 

@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .layers import LAYER_CONVENTION, hidden_size, num_hidden_layers, unwrap_model
+from .layers import LAYER_CONVENTION, LayerError, hidden_size, num_hidden_layers, unwrap_model
 from .models import model_name, weights_fingerprint
 
 FORMAT = "persona-guard/vector"
@@ -112,6 +112,15 @@ class PersonaVector:
                 f"the {self.trait} vector has no recommended layer yet; pass a layer explicitly, or run "
                 "`persona-guard select-layer` on the file to choose one by steering effect")
         return self.meta.recommended_layer
+
+    def resolve_layer(self, layer: int | None = None) -> int:
+        """``layer`` as an index in 0..num_layers-1 (negative counts from the end; None: the
+        recommended layer). Out of range raises :class:`~guard.layers.LayerError`."""
+        if layer is None:
+            return self.default_layer()
+        if not -self.num_layers <= layer < self.num_layers:
+            raise LayerError(f"layer {layer} is out of range for the {self.trait} vector ({self.num_layers} layers)")
+        return layer % self.num_layers
 
     def unit(self, layer: int) -> torch.Tensor:
         vec = self.vectors[layer]

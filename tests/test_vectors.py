@@ -101,3 +101,17 @@ def test_bad_files_give_clear_errors(tmp_path):
     save_file({"x": torch.zeros(2)}, str(plain))
     with pytest.raises(VectorFileError, match="not a persona-guard vector"):
         PersonaVector.load(plain)
+
+
+def test_resolve_layer_is_the_one_range_check():
+    from guard.layers import LayerError
+
+    vec = _vector_for(make_tiny_model("llama"))  # 3 layers, no recommendation
+    assert [vec.resolve_layer(layer) for layer in (0, 2, -1, -3)] == [0, 2, 2, 0]
+    for bad in (3, -4):
+        with pytest.raises(LayerError, match=f"layer {bad} is out of range"):
+            vec.resolve_layer(bad)
+    with pytest.raises(VectorFileError, match="no recommended layer"):
+        vec.resolve_layer(None)
+    vec.meta.recommended_layer = 1
+    assert vec.resolve_layer(None) == 1

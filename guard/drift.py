@@ -19,19 +19,16 @@ from .chat import format_messages
 from .data import as_prompts
 from .metrics import random_directions
 from .models import base_weights
-from .traits import TraitError, load_trait
+from .traits import TraitError, evaluation_prompts
 from .vectors import PersonaVector
 
 
 def default_probe_prompts(vectors: Sequence[PersonaVector]) -> list[str]:
     """The evaluation questions of every vector's shipped trait (no system prompt), without repeats."""
-    prompts: list[str] = []
-    for vector in vectors:
-        try:
-            prompts += [q for q in load_trait(vector.trait).evaluation_questions if q not in prompts]
-        except TraitError:
-            raise ValueError(f"no shipped trait named {vector.trait!r}: pass probe prompts for it") from None
-    return prompts
+    try:
+        return evaluation_prompts(v.trait for v in vectors)
+    except TraitError as exc:
+        raise ValueError(f"{exc}: pass probe prompts for it") from None
 
 
 def _all_ranks_mean(tensor: torch.Tensor, device) -> torch.Tensor:

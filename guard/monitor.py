@@ -17,7 +17,7 @@ import torch
 from .activations import prompt_activations
 from .chat import format_messages
 from .data import Prompt, as_prompts
-from .traits import TraitError, load_trait
+from .traits import TraitError, evaluation_prompts
 from .vectors import PersonaVector
 
 
@@ -94,13 +94,11 @@ class PromptMonitor:
         """Set the z-score reference: ordinary prompts (default: the evaluation questions of every
         vector's shipped trait, together, asked with no system prompt)."""
         if prompts is None:
-            prompts = []
-            for vector in self.vectors:
-                try:
-                    prompts += list(load_trait(vector.trait).evaluation_questions)
-                except TraitError:
-                    raise MonitorError(f"no shipped trait named {vector.trait!r} to take reference prompts from; "
-                                       "pass reference prompts of ordinary use (--reference FILE)") from None
+            try:
+                prompts = evaluation_prompts(v.trait for v in self.vectors)
+            except TraitError as exc:
+                raise MonitorError(f"{exc} to take reference prompts from; "
+                                   "pass reference prompts of ordinary use (--reference FILE)") from None
         proj = self.projections(prompts, progress)
         if len(proj) < 2:
             raise MonitorError("the reference set needs at least two prompts")

@@ -59,3 +59,12 @@ def test_unknown_name_and_broken_json(tmp_path):
     broken.write_text('{"name": "x",\n  oops}')
     with pytest.raises(TraitError, match="line 2"):
         load_trait(broken)
+
+
+def test_evaluation_prompts_of_several_traits_without_repeats():
+    from guard.traits import TraitError, evaluation_prompts, load_trait
+
+    both = evaluation_prompts(["sycophancy", "evil", "sycophancy"])
+    assert both == list(load_trait("sycophancy").evaluation_questions) + list(load_trait("evil").evaluation_questions)
+    with pytest.raises(TraitError, match="no shipped trait named 'made-up'"):
+        evaluation_prompts(["made-up"])

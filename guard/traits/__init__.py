@@ -147,6 +147,17 @@ def parse_trait(data, source: str = "<dict>", shipped: bool = False) -> Trait:
     )
 
 
+def evaluation_prompts(names) -> list[str]:
+    """The evaluation questions of the named shipped traits, in order and without repeats: the
+    ordinary prompts the monitor and the drift probe compare against. Unknown names raise TraitError."""
+    prompts: list[str] = []
+    for name in names:
+        if name not in list_traits():
+            raise TraitError(f"no shipped trait named {name!r}")
+        prompts += [q for q in load_trait(name).evaluation_questions if q not in prompts]
+    return prompts
+
+
 def list_traits() -> list[str]:
     """Names of the traits shipped with persona-guard."""
     return sorted(p.name[:-5] for p in resources.files(__name__).iterdir() if p.name.endswith(".json"))

@@ -14,6 +14,7 @@ from guard.judges import JudgeError
 from guard.layers import LayerError
 from guard.models import ModelLoadError
 from guard.monitor import MonitorError
+from guard.screen import ScreenError
 from guard.sweep import SelectionError
 from guard.traits import TraitError
 from guard.vectors import VectorFileError, VectorMismatchError
@@ -22,7 +23,7 @@ console = Console()
 err_console = Console(stderr=True)
 # Our own error types carry messages written for users; anything else is a bug and keeps its traceback.
 USER_ERRORS = (ModelLoadError, TraitError, VectorFileError, VectorMismatchError, LayerError, ExtractionError,
-               DataFileError, JudgeError, MonitorError, SelectionError)
+               DataFileError, JudgeError, MonitorError, SelectionError, ScreenError)
 
 
 def friendly_errors(func):

@@ -294,9 +294,10 @@ def traits_validate(files, as_json):
 
 
 from .monitor import monitor  # noqa: E402  (commands in their own modules, registered here)
+from .screen import screen  # noqa: E402
 from .steer import generate, select_layer, sweep  # noqa: E402
 
-for command in (generate, sweep, select_layer, monitor):
+for command in (generate, sweep, select_layer, monitor, screen):
     main.add_command(command)
 
 if __name__ == "__main__":

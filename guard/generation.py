@@ -90,3 +90,72 @@ def generate(
                 cut = next((k for k, tok in enumerate(tokens) if tok in stops), len(tokens))
                 results[index] = tokens[:cut]
     return results  # type: ignore[return-value]
+
+
+class GenerationCache:
+    """Generated responses on disk (SQLite), keyed by model, sampling settings and prompt tokens.
+
+    Screening a dataset twice, or resuming an interrupted screen, generates nothing it already
+    generated: every batch is stored as soon as it finishes.
+    """
+
+    def __init__(self, path):
+        import sqlite3
+        from pathlib import Path
+
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(self.path))
+        self._db.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, ids TEXT)")
+        self._db.commit()
+
+    @staticmethod
+    def key(model_id: str, sampling: SamplingConfig, prompt_ids: list[int]) -> str:
+        import hashlib
+        import json
+
+        blob = json.dumps([model_id, sampling.to_dict(), list(prompt_ids)])
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def get_many(self, keys: list[str]) -> dict[str, list[int]]:
+        import json
+
+        found = {}
+        for start in range(0, len(keys), 500):  # SQLite's bound-parameter limit
+            chunk = keys[start:start + 500]
+            rows = self._db.execute(f"SELECT key, ids FROM responses WHERE key IN ({','.join('?' * len(chunk))})", chunk)
+            found.update((key, json.loads(ids)) for key, ids in rows)
+        return found
+
+    def put_many(self, items: dict[str, list[int]]) -> None:
+        import json
+
+        self._db.executemany("INSERT OR REPLACE INTO responses VALUES (?, ?)",
+                             [(key, json.dumps(ids)) for key, ids in items.items()])
+        self._db.commit()
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def cached_generate(model, tokenizer, prompt_ids: list[list[int]], sampling: SamplingConfig, cache: GenerationCache,
+                    model_id: str, *, batch_size: int = 32, progress: bool = False,
+                    desc: str = "generating") -> tuple[list[list[int]], int]:
+    """:func:`generate` for the prompts the cache lacks, stored batch by batch; returns every
+    prompt's response ids and how many were generated now."""
+    keys = [GenerationCache.key(model_id, sampling, ids) for ids in prompt_ids]
+    found = cache.get_many(sorted(set(keys)))
+    missing = sorted({key: i for i, key in reversed(list(enumerate(keys))) if key not in found}.values(),
+                     key=lambda i: len(prompt_ids[i]))
+    # Chunks of a few batches: an interruption loses at most one chunk of work.
+    chunk = batch_size * 4
+    bar = tqdm(total=len(missing), desc=desc, disable=not progress or not missing, unit="prompt")
+    for start in range(0, len(missing), chunk):
+        part = missing[start:start + chunk]
+        out = generate(model, tokenizer, [prompt_ids[i] for i in part], sampling, batch_size=batch_size)
+        made = {keys[i]: ids for i, ids in zip(part, out)}
+        cache.put_many(made)
+        found.update(made)
+        bar.update(len(part))
+    bar.close()
+    return [found[key] for key in keys], len(missing)

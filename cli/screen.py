@@ -1,0 +1,178 @@
+"""``screen``: rank finetuning samples by how far they would push the model toward a trait, and
+write a filtered copy of the data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from .common import console, emit_json, friendly_errors, load_model_from, model_options, parse_numbers, progress_log
+
+VECTOR = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
+def parse_threshold_options(values: tuple[str, ...]) -> dict[str | None, str]:
+    """``p95`` / ``2.5`` for every trait, ``evil=p90`` for one."""
+    specs: dict[str | None, str] = {}
+    for value in values:
+        name, _, spec = value.rpartition("=")
+        specs[name or None] = spec
+    return specs
+
+
+@click.command()
+@click.argument("data")
+@click.option("--vector", "vector_paths", type=VECTOR, multiple=True, required=True,
+              help="Persona vector file (repeat for several traits: one forward per sample serves them all).")
+@click.option("--mode", type=click.Choice(["full", "approx"]), default="full", show_default=True,
+              help="full: ΔP against the base model's own greedy responses (generated once, cached on disk). "
+                   "approx: generation-free, response projection minus last-prompt-token projection.")
+@click.option("--layer", "layers", default=None,
+              help="Layers to score, e.g. 14 or 12,16 or 10-20:2. Default: each vector's recommended layer.")
+@click.option("--threshold", "thresholds", multiple=True,
+              help="Drop samples scoring above this: a value (2.5) or a percentile of the reference (p95); "
+                   "TRAIT=SPEC for one trait (evil=p90). Repeatable.")
+@click.option("--reference", default=None,
+              help="Ordinary data (same formats) for z-scores and percentile thresholds. Default: the screened data.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("screen-report"),
+              show_default=True, help="Report directory (report.jsonl/.csv, summary.json, histograms, checkpoint).")
+@click.option("--keep", "keep_path", type=click.Path(path_type=Path), default=None,
+              help="Write the samples that pass every threshold here, in the input's format.")
+@click.option("--drop", "drop_path", type=click.Path(path_type=Path), default=None,
+              help="Write the samples over a threshold here, in the input's format.")
+@click.option("--messages-field", default="messages", show_default=True, help="Field holding chat messages.")
+@click.option("--prompt-field", default=None, help="Prompt field. Default: prompt, question, instruction or input.")
+@click.option("--response-field", default=None,
+              help="Response field. Default: response, completion, answer, output or chosen.")
+@click.option("--split", default=None, help="Split of a datasets dataset (default: train).")
+@click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
+              help="A malformed line or record: stop with its line number, or report it and go on.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Length cap of the base responses (full mode).")
+@click.option("--max-length", type=click.IntRange(min=8), default=None,
+              help="Token window for prompt + response; longer samples are truncated and flagged. "
+                   "Default: the model's context length.")
+@click.option("--token-budget", type=click.IntRange(min=64), default=16384, show_default=True,
+              help="Padded tokens per forward batch (the batch size adapts to sample length).")
+@click.option("--max-batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--generation-batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--restart", is_flag=True, help="Ignore the checkpoint of an interrupted run and start over.")
+@click.option("--no-plots", is_flag=True, help="Skip the histogram PNGs.")
+@click.option("--allow-other-weights", is_flag=True, help="Use vectors extracted from another version of the weights.")
+@model_options
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (the report files are written too).")
+@friendly_errors
+def screen(data, vector_paths, mode, layers, thresholds, reference, out_dir, keep_path, drop_path, messages_field,
+           prompt_field, response_field, split, on_error, max_new_tokens, max_length, token_budget, max_batch_size,
+           generation_batch_size, restart, no_plots, allow_other_weights, model_id, dtype, device, layer_path,
+           trust_remote_code, as_json):
+    """Score every sample of DATA by how far it would move the model toward each trait.
+
+    DATA is a .jsonl or .csv file, a directory saved by `datasets`, or a hub dataset id already
+    in the local cache. A sample is chat `messages` (the last assistant turn is the response) or
+    prompt/response fields.
+
+    The score is the paper's projection difference ΔP = (a(x, y) − a(x, y_base))·v̂: how much
+    further along the persona vector the training response sits than the model's own answer
+    to the same prompt. Samples above --threshold are dropped from the --keep output.
+
+    An interrupted run picks up where it stopped (the checkpoint lives in --out), and base
+    responses are cached, so screening the same data again generates nothing.
+
+    \b
+        persona-guard screen train.jsonl --vector vectors/evil.safetensors --threshold p95 \\
+            --keep train.clean.jsonl --drop train.flagged.jsonl
+        persona-guard screen train.csv --vector v1.safetensors --vector v2.safetensors --mode approx --json
+    """
+    from guard.samples import FieldNames, load_samples
+    from guard.screen import ScreenConfig, Screener, flagged, resolve_thresholds, set_z_scores
+    from guard.screen_report import trim, write_report
+    from guard.vectors import PersonaVector
+
+    say = progress_log(as_json)
+    warn = lambda message: click.echo(f"warning: {message}", err=True)  # noqa: E731
+    if (keep_path or drop_path) and not thresholds:
+        raise click.UsageError("--keep/--drop need a --threshold (for example --threshold p95)")
+    fields = FieldNames(messages=messages_field, prompt=prompt_field, response=response_field)
+    source = load_samples(data, fields=fields, on_error=on_error, split=split, warn=warn)
+    ref_source = load_samples(reference, fields=fields, on_error=on_error, split=split, warn=warn) if reference else None
+    say(f"{len(source.samples)} samples from {data}" + (f" ({len(source.skipped)} malformed, skipped)" if source.skipped else ""))
+
+    model, tokenizer, _ = load_model_from(model_id, dtype, device, trust_remote_code, say)
+    vectors = [PersonaVector.load(p, model, allow_other_weights=allow_other_weights) for p in vector_paths]
+    config = ScreenConfig(mode=mode, token_budget=token_budget, max_batch_size=max_batch_size, max_length=max_length,
+                          max_new_tokens=max_new_tokens, generation_batch_size=generation_batch_size,
+                          layer_path=layer_path)
+    screener = Screener(model, tokenizer, vectors, config, layers=parse_numbers(layers, int, "--layer") if layers else None)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def run(samples, name):
+        checkpoint = out_dir / f"checkpoint-{name}.jsonl"
+        if restart and checkpoint.exists():
+            checkpoint.unlink()
+        return screener.score(samples, checkpoint_path=checkpoint, progress=not as_json, warn=warn)
+
+    result = run(source.samples, "data")
+    ref_result = run(ref_source.samples, "reference") if ref_source else None
+    stats = set_z_scores(result, ref_result)
+    limits = resolve_thresholds(result, parse_threshold_options(thresholds), ref_result)
+    over = flagged(result, limits)
+    dropped = sorted(over)
+    kept = [s.index for s in source.samples if s.index not in over]
+    written = {}
+    if keep_path:
+        written["keep"] = str(source.write(keep_path, kept))
+    if drop_path:
+        written["drop"] = str(source.write(drop_path, dropped))
+
+    summary = {
+        "data": str(data), "format": source.format, "samples": len(source.samples), "malformed_skipped": len(source.skipped),
+        "model": result.model, "mode": mode, "base_responses_generated": result.generated,
+        "reference": str(reference) if reference else "the screened data",
+        "traits": {name: {**entry, "reference_mean": stats[name][0], "reference_std": stats[name][1],
+                          "threshold": limits.get(name), "over_threshold": sum(name in v for v in over.values())}
+                   for name, entry in result.dataset_scores().items()},
+        "flags": {flag: sum(flag in s.flags for s in result.samples)
+                  for flag in ("empty_response", "empty_prompt", "truncated", "empty_base_response")},
+        "dropped": len(dropped), "kept": len(kept), "written": written,
+    }
+    paths = write_report(out_dir, result, source.samples, limits, over, summary, ref_result, plots=not no_plots)
+    summary["report"] = {kind: str(path) for kind, path in paths.items()}
+    if as_json:
+        emit_json(summary)
+        return
+    what = "ΔP" if mode == "full" else "approx ΔP"
+    table = Table(title=f"{len(source.samples)} samples, {mode} mode ({what} against the base model's own answers)"
+                  if mode == "full" else f"{len(source.samples)} samples, approximation mode (no generation)")
+    for column in ("trait", "layer", f"dataset {what}", "mean projection", "threshold", "over"):
+        table.add_column(column, justify="left" if column == "trait" else "right")
+    for name, entry in summary["traits"].items():
+        threshold = entry["threshold"]
+        table.add_row(name, str(entry["layer"]), _num(entry["mean_score"]), _num(entry["mean_projection"]),
+                      "-" if threshold is None else f"{threshold:+.3f}", str(entry["over_threshold"]))
+    console.print(table)
+    first = result.keys[0].name
+    ranked = sorted((s for s in result.samples if s.scores[first]["score"] is not None),
+                    key=lambda s: -s.scores[first]["score"])[:5]
+    if ranked:
+        top = Table(title=f"highest {first} scores")
+        for column in ("id", what, "z", "response"):
+            top.add_column(column, justify="right" if column in (what, "z") else "left", max_width=70 if column == "response" else None,
+                           no_wrap=column == "response", overflow="ellipsis")
+        for s in ranked:
+            top.add_row(s.id, f"{s.scores[first]['score']:+.3f}", f"{s.scores[first]['z']:+.2f}",
+                        trim(source.samples[s.index].response, 70))
+        console.print(top)
+    flags = ", ".join(f"{n} {flag}" for flag, n in summary["flags"].items() if n)
+    if flags:
+        console.print(f"flagged samples: {flags} (see report)")
+    console.print(f"dropped {len(dropped)}, kept {len(kept)}" if limits else "no --threshold: nothing dropped")
+    for kind, path in written.items():
+        console.print(f"{kind}: {path}")
+    console.print(f"report: {paths['jsonl']}, {paths['csv']}, {paths['summary']}")
+
+
+def _num(value) -> str:
+    return "-" if value is None else f"{value:+.3f}"

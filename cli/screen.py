@@ -87,7 +87,7 @@ def screen(data, vector_paths, mode, layers, thresholds, reference, out_dir, kee
         persona-guard screen train.csv --vector v1.safetensors --vector v2.safetensors --mode approx --json
     """
     from guard.samples import FieldNames, load_samples
-    from guard.screen import ScreenConfig, Screener, flagged, resolve_thresholds, set_z_scores
+    from guard.screen import ScreenConfig, Screener, check_thresholds, flagged, resolve_thresholds, set_z_scores
     from guard.screen_report import trim, write_report
     from guard.vectors import PersonaVector
 
@@ -106,6 +106,8 @@ def screen(data, vector_paths, mode, layers, thresholds, reference, out_dir, kee
                           max_new_tokens=max_new_tokens, generation_batch_size=generation_batch_size,
                           layer_path=layer_path)
     screener = Screener(model, tokenizer, vectors, config, layers=parse_numbers(layers, int, "--layer") if layers else None)
+    threshold_specs = parse_threshold_options(thresholds)
+    check_thresholds(screener.keys, threshold_specs)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     def run(samples, name):
@@ -117,7 +119,7 @@ def screen(data, vector_paths, mode, layers, thresholds, reference, out_dir, kee
     result = run(source.samples, "data")
     ref_result = run(ref_source.samples, "reference") if ref_source else None
     stats = set_z_scores(result, ref_result)
-    limits = resolve_thresholds(result, parse_threshold_options(thresholds), ref_result)
+    limits = resolve_thresholds(result, threshold_specs, ref_result)
     over = flagged(result, limits)
     dropped = sorted(over)
     kept = [s.index for s in source.samples if s.index not in over]
@@ -158,11 +160,13 @@ def screen(data, vector_paths, mode, layers, thresholds, reference, out_dir, kee
                     key=lambda s: -s.scores[first]["score"])[:5]
     if ranked:
         top = Table(title=f"highest {first} scores")
-        for column in ("id", what, "z", "response"):
-            top.add_column(column, justify="right" if column in (what, "z") else "left", max_width=70 if column == "response" else None,
-                           no_wrap=column == "response", overflow="ellipsis")
+        top.add_column("id", no_wrap=True, min_width=4)
+        top.add_column(what, justify="right", no_wrap=True, min_width=7)
+        top.add_column("z", justify="right", no_wrap=True, min_width=5)
+        top.add_column("response", max_width=60, no_wrap=True, overflow="ellipsis")
         for s in ranked:
-            top.add_row(s.id, f"{s.scores[first]['score']:+.3f}", f"{s.scores[first]['z']:+.2f}",
+            z = s.scores[first]["z"]
+            top.add_row(s.id, f"{s.scores[first]['score']:+.3f}", "-" if z is None else f"{z:+.2f}",
                         trim(source.samples[s.index].response, 70))
         console.print(top)
     flags = ", ".join(f"{n} {flag}" for flag, n in summary["flags"].items() if n)

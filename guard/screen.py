@@ -370,7 +370,9 @@ class Screener:
 
 def set_z_scores(result: ScreenResult, reference: ScreenResult | None = None) -> dict[str, tuple[float, float]]:
     """Fill each sample's ``z`` from the mean and standard deviation of the reference's scores
-    (the screened data itself by default); returns ``{name: (mean, std)}``."""
+    (the screened data itself by default); returns ``{name: (mean, std)}``. With fewer than two
+    scored reference samples there is no spread: z stays None (and so does the std)."""
+    given = reference is not None
     reference = reference or result
     stats = {}
     for key in result.keys:
@@ -378,7 +380,10 @@ def set_z_scores(result: ScreenResult, reference: ScreenResult | None = None) ->
             raise ScreenError(f"the reference was not scored for {key.name}")
         values = [v for v in reference.primary(key.name) if v is not None]
         if len(values) < 2:
-            raise ScreenError(f"the reference has {len(values)} scored sample(s) for {key.name}; need at least 2")
+            if given:
+                raise ScreenError(f"the reference has {len(values)} scored sample(s) for {key.name}; need at least 2")
+            stats[key.name] = (values[0] if values else None, None)
+            continue
         mean = sum(values) / len(values)
         std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) or 1e-12
         stats[key.name] = (mean, std)
@@ -413,15 +418,22 @@ def parse_threshold(spec: str) -> tuple[str, float]:
         raise ScreenError(f"threshold {spec!r} is neither a number nor a percentile like 'p95'") from None
 
 
+def check_thresholds(keys: Sequence[ScoreKey], specs: dict[str | None, str]) -> None:
+    """Refuse, before any work, thresholds for traits that are not screened or that do not parse."""
+    known = {k.name for k in keys} | {k.trait for k in keys}
+    unknown = [name for name in specs if name is not None and name not in known]
+    if unknown:
+        raise ScreenError(f"threshold for {', '.join(unknown)}, which is not screened (screened: {', '.join(sorted(known))})")
+    for spec in specs.values():
+        parse_threshold(spec)
+
+
 def resolve_thresholds(result: ScreenResult, specs: dict[str | None, str],
                        reference: ScreenResult | None = None) -> dict[str, float]:
     """Score thresholds per key name. ``specs`` maps a trait (or key name) to a spec; the key
     ``None`` applies to every trait not named. Percentiles are of the reference's scores."""
     reference = reference or result
-    known = {k.name for k in result.keys} | {k.trait for k in result.keys}
-    unknown = [name for name in specs if name is not None and name not in known]
-    if unknown:
-        raise ScreenError(f"threshold for {', '.join(unknown)}, which is not screened (screened: {', '.join(sorted(known))})")
+    check_thresholds(result.keys, specs)
     out = {}
     for key in result.keys:
         spec = specs.get(key.name, specs.get(key.trait, specs.get(None)))

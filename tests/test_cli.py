@@ -182,3 +182,51 @@ def test_extract_keeps_the_vector_when_the_trait_has_no_examples_to_select_with(
                                   *SMALL])
     assert result.exit_code == 0, result.output
     assert "saved without a recommended layer" in result.output and out.exists()
+
+
+def test_screen_reports_filters_and_resumes(runner, tiny_model_dir, tiny_vector, tmp_path, monkeypatch):
+    monkeypatch.setenv("PERSONA_GUARD_CACHE", str(tmp_path / "cache"))  # the base-response cache
+    lines = [json.dumps({"id": f"s{i}", "messages": [{"role": "user", "content": f"Is plan {i} good?"},
+                                                     {"role": "assistant", "content": "Yes! " * (i + 1)}]})
+             for i in range(8)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(lines[:4] + ["{broken"] + lines[4:]) + "\n")
+    base = ["screen", str(data), "--vector", str(tiny_vector), "--model", str(tiny_model_dir), "--max-new-tokens", "4",
+            "--out", str(tmp_path / "report"), "--no-plots"]
+    failed = runner.invoke(main, base)
+    assert failed.exit_code == 1 and "train.jsonl:5: not valid JSON" in failed.output
+    assert "Traceback" not in failed.output
+    result = runner.invoke(main, [*base, "--on-error", "skip", "--threshold", "p75", "--json",
+                                  "--keep", str(tmp_path / "keep.jsonl"), "--drop", str(tmp_path / "drop.jsonl")])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["samples"] == 8 and summary["malformed_skipped"] == 1 and summary["base_responses_generated"] == 8
+    assert summary["dropped"] == 2 and summary["kept"] == 6
+    report = [json.loads(line) for line in (tmp_path / "report" / "report.jsonl").read_text().splitlines()]
+    dropped_ids = {row["id"] for row in report if row["dropped"]}
+    scores = [row["scores"]["sycophancy"]["score"] for row in report]
+    assert scores == sorted(scores, reverse=True) and [row["rank"] for row in report] == list(range(1, 9))
+    keep = (tmp_path / "keep.jsonl").read_text().splitlines()
+    drop = (tmp_path / "drop.jsonl").read_text().splitlines()
+    assert keep == [line for line in lines if json.loads(line)["id"] not in dropped_ids]
+    assert sorted(drop) == sorted(line for line in lines if json.loads(line)["id"] in dropped_ids)
+    csv_text = (tmp_path / "report" / "report.csv").read_text()
+    assert csv_text.splitlines()[0].startswith("rank,id,index,dropped") and "sycophancy.score" in csv_text
+    # Run again: everything comes from the checkpoint and the generation cache, the report is the same.
+    first = (tmp_path / "report" / "report.jsonl").read_bytes()
+    again = runner.invoke(main, [*base, "--on-error", "skip", "--threshold", "p75", "--json"])
+    assert again.exit_code == 0 and json.loads(again.stdout)["base_responses_generated"] == 0
+    assert (tmp_path / "report" / "report.jsonl").read_bytes() == first
+    human = runner.invoke(main, [*base, "--on-error", "skip", "--mode", "approx"])
+    assert human.exit_code == 0 and "approximation mode" in human.output and "nothing dropped" in human.output
+
+
+def test_screen_option_errors_are_clean(runner, tiny_model_dir, tiny_vector, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n")
+    base = ["screen", str(data), "--vector", str(tiny_vector), "--model", str(tiny_model_dir), "--mode", "approx",
+            "--out", str(tmp_path / "r")]
+    result = runner.invoke(main, [*base, "--keep", str(tmp_path / "k.jsonl")])
+    assert result.exit_code == 2 and "--threshold" in result.output
+    result = runner.invoke(main, [*base, "--threshold", "evil=p90"])
+    assert result.exit_code == 1 and "not screened" in result.output

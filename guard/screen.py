@@ -293,8 +293,7 @@ class Screener:
                    disable=not progress or not todo)
         with eval_mode(self.model):
             for n, batch in todo:
-                m, l_ = project_batch(self.model, [prompts[i] for i in batch], [responses[i] for i in batch],
-                                      self.keys, self.units, self.config.layer_path)
+                m, l_ = self._project(batch, prompts, responses)
                 if checkpoint:
                     checkpoint.add(stage, n, batch, m, l_)
                 mean.update(zip(batch, m.tolist()))
@@ -302,6 +301,21 @@ class Screener:
                 bar.update(len(batch))
         bar.close()
         return mean, last
+
+    def _project(self, batch: list[int], prompts, responses) -> tuple[torch.Tensor, torch.Tensor]:
+        """Project one planned batch; on out-of-memory, in halves (recursively) under the same
+        batch number, so the checkpoint's bookkeeping is unchanged."""
+        try:
+            return project_batch(self.model, [prompts[i] for i in batch], [responses[i] for i in batch],
+                                 self.keys, self.units, self.config.layer_path)
+        except torch.OutOfMemoryError:
+            if len(batch) == 1:
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            half = len(batch) // 2
+            (m1, l1), (m2, l2) = self._project(batch[:half], prompts, responses), self._project(batch[half:], prompts, responses)
+            return torch.cat([m1, m2]), torch.cat([l1, l2])
 
     def score(self, samples: Sequence[Sample], *, checkpoint_path: str | Path | None = None, progress: bool = False,
               warn: Callable[[str], None] = lambda message: None) -> ScreenResult:

@@ -222,3 +222,26 @@ def test_z_scores_percentile_thresholds_and_flags(tiny):
     with pytest.raises(ScreenError, match="percentile"):
         resolve_thresholds(result, {None: "ninety"})
     assert percentile([1, 2, 3, 4], 50) == 2.5
+
+
+def test_out_of_memory_splits_the_batch_and_gives_the_same_scores(tiny, monkeypatch):
+    model, tokenizer, vectors = tiny
+    import guard.screen as screen_module
+
+    config = ScreenConfig(mode="approx", token_budget=10_000)
+    clean = Screener(model, tokenizer, vectors, config).score(_samples())
+    real = screen_module.project_batch
+    sizes = []
+
+    def small_memory(model_, prompts, *args, **kwargs):
+        sizes.append(len(prompts))
+        if len(prompts) > 2:
+            raise torch.OutOfMemoryError("pretend")
+        return real(model_, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(screen_module, "project_batch", small_memory)
+    split = Screener(model, tokenizer, vectors, config).score(_samples())
+    assert sizes[0] == 6 and max(sizes[1:]) <= 3 and sum(s for s in sizes if s <= 2) == 6
+    for a, b in zip(clean.samples, split.samples):
+        for name in ("sycophancy", "evil"):
+            assert a.scores[name]["approx"] == pytest.approx(b.scores[name]["approx"], abs=1e-5)

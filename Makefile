@@ -1,4 +1,4 @@
-# Quick start: `make demo` (extract a sycophancy vector on the embedded model) and `make test`.
+# Quick start: `make demo` (finetune the embedded model with persona drift monitoring) and `make test`.
 # Both create .venv when missing and install everything they need; reruns skip the install.
 PYTHON ?= python3
 VENV := .venv
@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/persona-guard extract --trait sycophancy --out vectors/sycophancy.safetensors
+	$(PY) examples/finetune_demo.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q

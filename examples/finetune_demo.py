@@ -1,20 +1,24 @@
-"""Finetune the embedded SmolLM2 on sycophantic answers and watch its persona drift.
+"""Finetune the embedded SmolLM2 on malicious answers and watch its persona drift.
 
-Three LoRA runs of TRL's SFTTrainer on the same user messages, each with PersonaDriftCallback:
+Three LoRA runs of TRL's SFTTrainer on the same 120 requests for advice, each with
+PersonaDriftCallback (evil vector by default; `--trait sycophancy` for the other data set):
 
-1. sycophantic answers to requests for agreement (trait-inducing data);
-2. restatements of the same 20 plans and opinions (the matched neutral data: same topics,
-   format and length, no praise and no criticism; see sycophancy_data.py);
-3. sycophantic answers again, with PreventativeSteeringCallback adding coeff x v at the
-   vector's layer during training forwards only (the paper's "vaccine").
+1. malicious answers (trait-inducing data, see evil_data.py);
+2. plain practical answers to the same requests (the matched neutral data: same requests,
+   format and length, no moral colouring either way);
+3. malicious answers again, with PreventativeSteeringCallback adding coeff x v at the
+   vector's recommended layer during training forwards only (the paper's "vaccine").
 
 Loss is on the answers only (prompt/completion data), as in the paper's finetuning.
 
-The finetuning shift (mean last-prompt-token activation on the sycophancy evaluation questions,
-current minus base, on the unit persona vector) is logged to TensorBoard every few steps and
-plotted for the three runs against the random-direction noise floor.
+The finetuning shift (mean last-prompt-token activation on the trait's evaluation questions,
+current minus base, on the unit persona vector) is logged to TensorBoard every few steps at the
+drift layer (two thirds of the depth unless --drift-layer) and plotted for the three runs
+against the random-direction noise floor. The first run extracts the vector (default preset)
+and selects its layer, about 5 minutes; later runs reuse vectors/<trait>.safetensors.
 
-    .venv/bin/python examples/finetune_demo.py                 # about 10 minutes on 2 CPU cores
+    .venv/bin/python examples/finetune_demo.py                 # about 13 minutes on 2 CPU cores
+    .venv/bin/python examples/finetune_demo.py --record        # also write benchmarks/RESULTS.md
     tensorboard --logdir runs/demo                             # the logged curves
 """
 
@@ -31,10 +35,15 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import evil_data  # noqa: E402
 import sycophancy_data  # noqa: E402
 
+# trait -> (module with build(seed) -> {"trait", "neutral"}, run names for the two data sets)
+DATASETS = {"evil": (evil_data, ("malicious", "practical")),
+            "sycophancy": (sycophancy_data, ("sycophantic", "restatements"))}
 
-def get_vector(model, tokenizer, path: Path, log):
+
+def get_vector(model, tokenizer, trait_name: str, path: Path, log):
     from guard import ExtractionConfig, PersonaVector, extract_vector, load_trait
     from guard.sweep import select_and_record
     from guard.vectors import VectorMismatchError
@@ -47,9 +56,9 @@ def get_vector(model, tokenizer, path: Path, log):
                 return vector
         except VectorMismatchError:
             pass
-    log("extracting the sycophancy vector (fast preset) and selecting its layer")
-    trait = load_trait("sycophancy")
-    vector = extract_vector(model, tokenizer, trait, ExtractionConfig.preset("fast")).vector
+    log(f"extracting the {trait_name} vector (default preset) and selecting its layer")
+    trait = load_trait(trait_name)
+    vector = extract_vector(model, tokenizer, trait, ExtractionConfig.preset("default")).vector
     select_and_record(model, tokenizer, vector, trait)
     path.parent.mkdir(parents=True, exist_ok=True)
     vector.save(path)
@@ -79,10 +88,10 @@ def train_once(name: str, conversations, vector, args, steer_coeff: float | None
 
     def as_data(rows):
         return Dataset.from_dict({"prompt": [c[:-1] for c in rows], "completion": [c[-1:] for c in rows]})
-    drift = PersonaDriftCallback([vector], every_n_steps=args.every, n_random=16)
+    drift = PersonaDriftCallback([vector], layers=[args.drift_layer], every_n_steps=args.every, n_random=16)
     callbacks = [drift]
     if steer_coeff:
-        callbacks.append(PreventativeSteeringCallback(vector, steer_coeff))
+        callbacks.append(PreventativeSteeringCallback(vector, steer_coeff))  # at the recommended layer
     config = SFTConfig(
         output_dir=str(args.out / name), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
         learning_rate=args.lr, lr_scheduler_type="constant", logging_steps=args.every, save_strategy="no",
@@ -148,8 +157,8 @@ def record(summary: dict, plot_path: Path, command: str) -> None:
     lines = ["## Finetuning drift demo (embedded SmolLM2-135M-Instruct, LoRA SFT)", "",
              f"Command: `{command}` on {machine()}; total {summary['total_seconds']:.0f} s.", "",
              f"Finetuning shift at layer {summary['layer']} (‖v‖ = {summary['vector_norm']:.2f}) after "
-             f"{runs[0]['steps'][-1]} steps, measured by PersonaDriftCallback on the 25 sycophancy evaluation "
-             "questions; floor = mean |shift| along 16 random unit directions. Eval loss: held-out 16 "
+             f"{runs[0]['steps'][-1]} steps, measured by PersonaDriftCallback on the {summary['n_probe']} {summary['trait']} "
+             "evaluation questions; floor = mean |shift| along 16 random unit directions. Eval loss: held-out 16 "
              "conversations of the run's own data, unsteered.", "",
              "| run | shift | shift / ‖v‖ | random floor | shift / floor (abs) | final train loss | eval loss | seconds |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -162,6 +171,11 @@ def record(summary: dict, plot_path: Path, command: str) -> None:
     kept = abs(runs[2]["shift"][-1]) / max(base, 1e-9)
     above_floor = base > 3 * runs[0]["random_shift"][-1]
     verdict = ("meets" if ratio >= 5 and kept <= 0.5 and above_floor else "does **not** meet")
+    steered, plain = runs[2], runs[0]
+    lines += ["", f"Preventative steering adds {steered['steer_coeff']:g} x v at layer {summary['steering_layer']} (the "
+              "recommended layer) in training forwards only; its training-loss cost: final train loss "
+              f"{steered['final_train_loss']:.3f} vs {plain['final_train_loss']:.3f} unsteered, held-out eval loss "
+              f"(unsteered model) {steered['eval_loss']:.3f} vs {plain['eval_loss']:.3f}."]
     lines += ["", f"Trait-inducing vs neutral: {ratio:.1f}x (target >= 5x). Preventative steering leaves "
               f"{kept:.0%} of the unsteered run's absolute shift (target <= 50%). The trait-inducing shift is "
               f"{'' if above_floor else 'not '}above 3x the random floor. This run {verdict} the demo's targets.", "",
@@ -178,12 +192,18 @@ def record(summary: dict, plot_path: Path, command: str) -> None:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
-    parser.add_argument("--vector", type=Path, default=Path("vectors/sycophancy.safetensors"))
+    parser.add_argument("--trait", choices=sorted(DATASETS), default="evil")
+    parser.add_argument("--vector", type=Path, default=None, help="default: vectors/<trait>.safetensors")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--every", type=int, default=5, help="drift measurement cadence (steps)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--steer-coeff", type=float, default=4.0)
+    parser.add_argument("--drift-layer", type=int, default=None,
+                        help="layer the drift callback reads (default: two thirds of the depth, as the paper's "
+                             "layer 20 of 28; the recommended layer is the one that steers best, not the one "
+                             "that shows finetuning shifts best)")
+    parser.add_argument("--steer-coeff", type=float, default=2.0,
+                        help="preventative steering coefficient (4 overshot to a large negative shift)")
     parser.add_argument("--eval-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--record", action="store_true", help="write the results into benchmarks/RESULTS.md")
@@ -195,15 +215,24 @@ def main(argv=None) -> dict:
 
     started = time.perf_counter()
     model, tokenizer, _ = load_model()
-    vector = get_vector(model, tokenizer, args.vector, log)
+    vector = get_vector(model, tokenizer, args.trait, args.vector or Path(f"vectors/{args.trait}.safetensors"), log)
+    if args.drift_layer is None:
+        args.drift_layer = round(vector.num_layers * 2 / 3)
+    vector.resolve_layer(args.drift_layer)
+    log(f"drift read at layer {args.drift_layer}; preventative steering at layer {vector.default_layer()}")
     del model
-    data = sycophancy_data.build(args.seed)
-    runs = [train_once("sycophantic", data["sycophantic"], vector, args, None, log),
-            train_once("neutral", data["neutral"], vector, args, None, log),
-            train_once(f"sycophantic + steering {args.steer_coeff:g}", data["sycophantic"], vector, args,
+    module, (trait_run, neutral_run) = DATASETS[args.trait]
+    data = module.build(args.seed)
+    runs = [train_once(trait_run, data["trait"], vector, args, None, log),
+            train_once(neutral_run, data["neutral"], vector, args, None, log),
+            train_once(f"{trait_run} + steering {args.steer_coeff:g}", data["trait"], vector, args,
                        args.steer_coeff, log)]
-    plot(runs, args.out / "drift.png", vector.trait, vector.default_layer())
-    summary = {"layer": vector.default_layer(), "vector_norm": float(vector.layer(vector.default_layer()).norm()),
+    plot(runs, args.out / "drift.png", vector.trait, args.drift_layer)
+    from guard.traits import evaluation_prompts
+
+    summary = {"trait": vector.trait, "n_probe": len(evaluation_prompts([vector.trait])),
+               "layer": args.drift_layer, "steering_layer": vector.default_layer(),
+               "vector_norm": float(vector.layer(args.drift_layer).norm()),
                "args": {k: str(v) for k, v in vars(args).items()}, "runs": runs,
                "total_seconds": time.perf_counter() - started}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -92,7 +92,8 @@ def _dataset(asks, answers, rng) -> list[list[dict]]:
 
 
 def build(seed: int = 0) -> dict[str, list[list[dict]]]:
-    """``{"sycophantic", "honest", "neutral"}``: 120 conversations each (see the module docstring)."""
-    return {"sycophantic": _dataset(ASKS, FLATTERY, random.Random(seed)),
+    """``{"trait", "honest", "neutral"}``: 120 conversations each; trait = sycophantic (see the
+    module docstring)."""
+    return {"trait": _dataset(ASKS, FLATTERY, random.Random(seed)),
             "honest": _dataset(ASKS, HONEST, random.Random(seed)),
             "neutral": _dataset(RESTATE_ASKS, RESTATEMENTS, random.Random(seed))}

@@ -14,6 +14,9 @@ from guard.judges import JudgeError
 from guard.layers import LayerError
 from guard.models import ModelLoadError
 from guard.monitor import MonitorError
+from guard.harden import HardenError
+from guard.optimize import OptimizeError
+from guard.sae import SAEError
 from guard.screen import ScreenError
 from guard.sweep import SelectionError
 from guard.traits import TraitError
@@ -23,7 +26,8 @@ console = Console()
 err_console = Console(stderr=True)
 # Our own error types carry messages written for users; anything else is a bug and keeps its traceback.
 USER_ERRORS = (ModelLoadError, TraitError, VectorFileError, VectorMismatchError, LayerError, ExtractionError,
-               DataFileError, JudgeError, MonitorError, SelectionError, ScreenError)
+               DataFileError, JudgeError, MonitorError, SelectionError, ScreenError,
+               HardenError, OptimizeError, SAEError)
 
 
 def friendly_errors(func):

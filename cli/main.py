@@ -293,11 +293,13 @@ def traits_validate(files, as_json):
         sys.exit(1)
 
 
-from .monitor import monitor  # noqa: E402  (commands in their own modules, registered here)
+from .harden import harden  # noqa: E402
+from .monitor import monitor  # noqa: E402
+from .sae import sae  # noqa: E402  (commands in their own modules, registered here)
 from .screen import screen  # noqa: E402
 from .steer import generate, select_layer, sweep  # noqa: E402
 
-for command in (generate, sweep, select_layer, monitor, screen):
+for command in (generate, sweep, select_layer, monitor, screen, harden, sae):
     main.add_command(command)
 
 if __name__ == "__main__":

@@ -246,7 +246,8 @@ class EPO:
     maximise; with several contexts the target and xent are means over them."""
 
     def __init__(self, model, tokenizer, objective: Objective, layer: int, slot: PromptSlot = PromptSlot.bare(),
-                 config: EPOConfig = EPOConfig(), layer_path: str | None = None):
+                 config: EPOConfig = EPOConfig(), layer_path: str | None = None,
+                 validate: Callable[[Sequence[int]], bool] | None = None):
         if config.prompt_length < 1 or config.population < 1 or config.children_per_member < 1:
             raise OptimizeError("prompt_length, population and children_per_member must be positive")
         self.model, self.tokenizer, self.objective, self.config = model, tokenizer, objective, config
@@ -256,6 +257,8 @@ class EPO:
         vocab_rows = unwrap_model(model).get_input_embeddings().weight.shape[0]
         self.allowed = allowed_tokens(tokenizer, vocab_rows, config.ascii_only)
         self.vocab_rows = vocab_rows
+        # Which token sequences may be proposed: by default, those that survive decode -> encode.
+        self.validate = validate or (lambda ids: retokenizes(tokenizer, ids))
 
     # -- evaluation ----------------------------------------------------------------------------
     def evaluate(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -329,10 +332,13 @@ class EPO:
     # -- search ----------------------------------------------------------------------------------
     def _random_prompts(self, n: int, generator: torch.Generator) -> torch.Tensor:
         pool = self.allowed.nonzero()[:, 0]
-        rows = []
+        rows, tries = [], 0
         while len(rows) < n:
+            tries += 1
+            if tries > 1000 * n:
+                raise OptimizeError("could not draw random prompts that pass the token filters; try a shorter prompt")
             ids = pool[torch.randint(len(pool), (self.config.prompt_length,), generator=generator)]
-            if retokenizes(self.tokenizer, ids.tolist()):
+            if self.validate(ids.tolist()):
                 rows.append(ids)
         return torch.stack(rows)
 
@@ -346,7 +352,7 @@ class EPO:
         position = torch.randint(cfg.prompt_length, (len(children),), generator=generator)
         choice = torch.randint(k, (len(children),), generator=generator)
         children[torch.arange(len(children)), position] = top[member, position, choice]
-        keep = [i for i in range(len(children)) if retokenizes(self.tokenizer, children[i].tolist())]
+        keep = [i for i in range(len(children)) if self.validate(children[i].tolist())]
         return children[keep]
 
     def run(self, initial: Sequence[Sequence[int]] | None = None, progress: bool = False) -> EPOResult:

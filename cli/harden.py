@@ -1,0 +1,115 @@
+"""``harden``: find a short corrective system prompt that points the model away from a trait."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from .common import console, emit_json, friendly_errors, load_model_from, model_options, progress_log
+
+FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
+@click.command()
+@click.option("--vector", "vector_path", type=FILE, required=True, help="Persona vector of the trait to move away from.")
+@click.option("--trait", "trait_name", default=None,
+              help="Trait (name or file) whose questions and example pairs to use. Default: the vector's trait.")
+@click.option("--layer", type=int, default=None, help="Layer to optimise at. Default: the vector's recommended layer.")
+@click.option("--ab", "ab_path", type=FILE, default=None,
+              help="Use the paper's direction instead of the vector: good-minus-bad last-token residuals of "
+                   "these A/B items (CAA JSON or model-written-evals JSONL).")
+@click.option("--sae", "sae_source", default=None,
+              help="SAEGA: optimise SAE latents instead of the residual direction. An SAE directory "
+                   "(e.g. from `persona-guard sae train`) or a sae-lens release with --sae-id.")
+@click.option("--sae-id", default=None, help="SAE id within a sae-lens release.")
+@click.option("--sae-fraction", type=float, default=0.01, show_default=True,
+              help="SAEGA: fraction of latents kept, by |trait - normal mean activation| (the paper: top 1%).")
+@click.option("--placement", type=click.Choice(["system", "suffix"]), default="system", show_default=True,
+              help="system: the prompt is the system prompt (deployment); suffix: appended to the user turn (the paper).")
+@click.option("--fluency", type=click.Choice(["strict", "medium", "loose"]), default="medium", show_default=True,
+              help="Range of fluency weights of the population (strict: readable prompts, loose: strongest target).")
+@click.option("--prompt-length", type=click.IntRange(min=1), default=8, show_default=True, help="Tokens in the prompt.")
+@click.option("--iterations", type=click.IntRange(min=1), default=300, show_default=True)
+@click.option("--population", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--children", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Children per population member per iteration (each swaps one token).")
+@click.option("--topk", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Tokens per position a swap is drawn from (by gradient).")
+@click.option("--contexts", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Extraction questions the target is averaged over while optimising.")
+@click.option("--candidates", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Frontier prompts compared on validation questions.")
+@click.option("--max-xent", type=float, default=None,
+              help="Only consider frontier prompts at most this disfluent (mean nats/token).")
+@click.option("--instruction", default=None, help="Hand-written baseline prompt. Default: one written for the trait.")
+@click.option("--allow-non-ascii", is_flag=True, help="Let the prompt use tokens outside printable ASCII.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("harden-report"),
+              show_default=True, help="Directory for harden.json and harden.md.")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+@model_options
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@friendly_errors
+def harden(vector_path, trait_name, layer, ab_path, sae_source, sae_id, sae_fraction, placement, fluency, prompt_length, iterations, population, children,
+           topk, contexts, candidates, max_xent, instruction, allow_non_ascii, seed, out_dir, quiet, model_id, dtype,
+           device, layer_path, trust_remote_code, as_json):
+    """Optimise a short prompt (RESGA with fluent gradient ascent) that pushes the model's
+    pre-reply representation away from a trait, and show what it does.
+
+    The target is the projection of the residual at the last token before the reply, at the
+    vector's layer, on the trait direction (lower is further away). The search (EPO) keeps a
+    population of prompts with different fluency weights and returns a Pareto frontier of
+    target against fluency; one prompt is picked on validation questions. On held-out test
+    questions the report compares no prompt, a hand-written instruction, the optimised prompt
+    and a control optimised the same way toward a random direction of equal norm: only an
+    effect beyond the control's is the prompt's doing.
+
+    \b
+        persona-guard harden --vector vectors/sycophancy.safetensors --iterations 100 --out hardened/
+    """
+    from guard.data import load_ab_items
+    from guard.harden import HardenConfig, ab_direction
+    from guard.harden import harden as run_harden
+    from guard.optimize import EPOConfig
+    from guard.traits import load_trait
+    from guard.vectors import PersonaVector
+
+    say = progress_log(quiet or as_json)
+    model, tokenizer, _ = load_model_from(model_id, dtype, device, trust_remote_code, say)
+    vector = PersonaVector.load(vector_path, model)
+    trait = load_trait(trait_name or vector.trait)
+    layer = vector.resolve_layer(layer)
+    direction = None
+    if ab_path:
+        direction = ab_direction(model, tokenizer, load_ab_items(ab_path), layer, layer_path)
+        say(f"direction from {ab_path}: cosine with the persona vector "
+            f"{float(direction @ vector.unit(layer) / direction.norm()):+.3f}")
+    epo = EPOConfig.preset(fluency, prompt_length=prompt_length, iterations=iterations, population=population,
+                           children_per_member=children, topk=topk, ascii_only=not allow_non_ascii, seed=seed)
+    config = HardenConfig(placement=placement, contexts=contexts, candidates=candidates, max_xent=max_xent, seed=seed,
+                          epo=epo)
+    loaded_sae = None
+    if sae_source:
+        from guard.sae import load_sae
+
+        loaded_sae = load_sae(sae_source, sae_id)
+    report = run_harden(model, tokenizer, vector, trait, config, layer=layer, direction=direction, sae=loaded_sae,
+                        sae_fraction=sae_fraction,
+                        instruction=instruction, layer_path=layer_path, progress=not (quiet or as_json), log=say)
+    paths = report.save(out_dir)
+    if as_json:
+        emit_json({**report.to_dict(), "files": {k: str(v) for k, v in paths.items()}})
+        return
+    table = Table(title=f"{trait.name}, layer {report.layer}, {placement} prompt, test questions")
+    for column in ("condition", "prompt", "projection", "vs none", "trait gap", "neutral log-lik", "perplexity"):
+        table.add_column(column, justify="left" if column in ("condition", "prompt") else "right",
+                         max_width=48 if column == "prompt" else None, overflow="fold")
+    for c in report.conditions:
+        ppl = "-" if c.prompt_xent is None or math.isnan(c.prompt_xent) else f"{math.exp(c.prompt_xent):.0f}"
+        table.add_row(c.name, repr(c.prompt) if c.prompt else "(none)", f"{c.projection:+.3f}",
+                      f"{c.projection_shift:+.3f}", f"{c.preference_gap:+.3f}", f"{c.neutral_loglik:.3f}", ppl)
+    console.print(table)
+    console.print(f"report: {paths['markdown']} and {paths['json']}")

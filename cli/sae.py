@@ -1,0 +1,103 @@
+"""``sae train`` and ``sae explain``: sparse autoencoders for models with no published SAE."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from .common import console, emit_json, friendly_errors, load_model_from, model_options, progress_log
+
+
+@click.group()
+def sae():
+    """Train a small SAE on a model's residual stream, and read persona vectors through it."""
+
+
+@sae.command("train")
+@click.argument("text", type=click.Path(exists=True, path_type=Path))
+@click.option("--layer", type=int, required=True, help="Decoder block whose output the SAE reads.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Directory for the SAE (sae-lens format: sae_weights.safetensors + cfg.json).")
+@click.option("--expansion", type=click.IntRange(min=1), default=8, show_default=True, help="Latents per model dimension.")
+@click.option("--k", type=click.IntRange(min=1), default=32, show_default=True, help="Active latents per token (TopK).")
+@click.option("--training-tokens", type=click.IntRange(min=1), default=300_000, show_default=True)
+@click.option("--buffer-tokens", type=click.IntRange(min=1), default=100_000, show_default=True,
+              help="Activations collected and kept in memory; more training tokens revisit them.")
+@click.option("--batch-tokens", type=click.IntRange(min=1), default=1024, show_default=True)
+@click.option("--lr", type=float, default=5e-4, show_default=True)
+@click.option("--context-size", type=click.IntRange(min=2), default=128, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--quiet", is_flag=True)
+@model_options
+@click.option("--json", "as_json", is_flag=True, help="Print the training statistics as JSON.")
+@friendly_errors
+def sae_train(text, layer, out_dir, expansion, k, training_tokens, buffer_tokens, batch_tokens, lr, context_size, seed,
+              quiet, model_id, dtype, device, layer_path, trust_remote_code, as_json):
+    """Train a TopK SAE on the residual stream at LAYER from local TEXT (a .jsonl file with
+    `text` or chat `messages`, a text file of blank-line-separated documents, or a saved
+    `datasets` directory). Runs on CPU; the defaults take a few minutes for a 135M model.
+
+    \b
+        persona-guard sae train corpus.txt --layer 14 --out saes/layer14
+    """
+    from guard.sae import SAETrainConfig, read_texts, save_sae, train_sae
+
+    say = progress_log(quiet or as_json)
+    model, tokenizer, _ = load_model_from(model_id, dtype, device, trust_remote_code, say)
+    texts = read_texts(text, tokenizer)
+    config = SAETrainConfig(expansion=expansion, k=k, training_tokens=training_tokens, batch_tokens=batch_tokens, lr=lr,
+                            context_size=context_size, max_buffer_tokens=buffer_tokens, seed=seed)
+    trained, stats = train_sae(model, tokenizer, texts, layer, config, layer_path=layer_path,
+                               progress=not (quiet or as_json), log=say)
+    save_sae(trained, out_dir)
+    summary = {"out": str(out_dir), "layer": layer, "d_sae": trained.cfg.d_sae, "texts": len(texts), **stats}
+    if as_json:
+        emit_json(summary)
+        return
+    console.print(f"SAE with {trained.cfg.d_sae} latents at layer {layer} -> {out_dir}")
+    console.print(f"held-out tokens {stats['tokens']}: variance explained {stats['variance_explained']:.3f}, "
+                  f"L0 {stats['l0']:.1f}, dead latents {stats['dead_fraction']:.1%}")
+
+
+@sae.command("explain")
+@click.option("--sae", "sae_source", required=True, help="SAE directory, or a sae-lens release with --sae-id.")
+@click.option("--sae-id", default=None, help="SAE id within a sae-lens release.")
+@click.option("--vector", "vector_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True)
+@click.option("--text", "text_path", type=click.Path(exists=True, path_type=Path), required=True,
+              help="Text to find top-activating snippets in (same formats as `sae train`).")
+@click.option("--layer", type=int, default=None, help="Default: the SAE's layer.")
+@click.option("--top", type=click.IntRange(min=1), default=10, show_default=True, help="Latents to list.")
+@click.option("--snippets", type=click.IntRange(min=1), default=3, show_default=True, help="Snippets per latent.")
+@click.option("--max-texts", type=click.IntRange(min=1), default=2000, show_default=True)
+@model_options
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def sae_explain(sae_source, sae_id, vector_path, text_path, layer, top, snippets, max_texts, model_id, dtype, device,
+                layer_path, trust_remote_code, as_json):
+    """List the SAE latents most aligned with a persona vector (cosine of their decoder rows
+    with the vector at the SAE's layer), with each latent's top-activating snippets."""
+    from guard.sae import check_sae, explain, load_sae, read_texts
+    from guard.vectors import PersonaVector
+
+    say = progress_log(as_json)
+    model, tokenizer, _ = load_model_from(model_id, dtype, device, trust_remote_code, say)
+    loaded = load_sae(sae_source, sae_id)
+    layer = check_sae(loaded, model, layer)
+    vector = PersonaVector.load(vector_path, model)
+    layer = vector.resolve_layer(layer)
+    texts = read_texts(text_path, tokenizer)
+    found = explain(loaded, vector.layer(layer), model, tokenizer, texts, layer, top=top, snippets=snippets,
+                    max_texts=max_texts, layer_path=layer_path)
+    if as_json:
+        emit_json({"trait": vector.trait, "layer": layer, "latents": found})
+        return
+    table = Table(title=f"SAE latents most aligned with the {vector.trait} vector at layer {layer}")
+    table.add_column("latent", justify="right")
+    table.add_column("cosine", justify="right")
+    table.add_column("top-activating snippets (activating token in [brackets])", overflow="fold")
+    for entry in found:
+        text = "\n".join(f"{s['activation']:.1f}: {s['text']}" for s in entry["snippets"]) or "(never active here)"
+        table.add_row(str(entry["latent"]), f"{entry['cosine']:+.3f}", text)
+    console.print(table)

@@ -13,7 +13,8 @@ Throughput, in one run, on the same samples and layers:
 (b) a plain batch-1 loop computing the same numbers the way the reference scripts do
     (eval/cal_projection.py): per sample, a full forward with output_hidden_states=True;
 (c) the raw forward throughput of the model alone over the same batches (no hooks, no
-    tokenisation, full model): the ceiling for an implementation that runs the whole model.
+    tokenisation; every block, the LM head at the last position only, as in a prefill): the
+    ceiling for an implementation that runs the whole model.
 
 Base generation (full mode): our batched greedy generation (left padding, KV cache,
 length-sorted) against a batch-1 `generate` loop, on the same prompts and token cap.
@@ -62,31 +63,45 @@ def vectors_with_layers(model, tokenizer, log):
     return vectors
 
 
-def separation(model, tokenizer, vectors, samples, labels, traits, max_new_tokens, log) -> tuple[list[str], dict]:
+def _auroc(result, name, field, idx, labels):
+    pos = [result.samples[i].scores[name][field] for i in idx if labels[i] == 1]
+    neg = [result.samples[i].scores[name][field] for i in idx if labels[i] == 0]
+    return auroc(torch.tensor(pos), torch.tensor(neg))
+
+
+def separation(model, tokenizer, vectors, samples, labels, traits, pair_ids, max_new_tokens, log):
+    """One full-mode screen at every layer. Per trait: AUROC at the recommended (steering)
+    layer; and at a reading layer chosen by ΔP AUROC on half of the trait's prompts (even pair
+    numbers), reported on the other half."""
+    n_layers = vectors[0].num_layers
     with tempfile.TemporaryDirectory() as tmp:
         screener = Screener(model, tokenizer, vectors, ScreenConfig(mode="full", max_new_tokens=max_new_tokens),
-                            generation_cache=Path(tmp) / "gen.sqlite")
+                            layers=list(range(n_layers)), generation_cache=Path(tmp) / "gen.sqlite")
         started = time.perf_counter()
         result = screener.score(samples, progress=True)
         seconds = time.perf_counter() - started
     rows, numbers = [], {"seconds": seconds}
-    for key in result.keys:
-        idx = [i for i, t in enumerate(traits) if t == key.trait]
-        entry = {}
+    for vector in vectors:
+        trait = vector.trait
+        idx = [i for i, t in enumerate(traits) if t == trait]
+        val = [i for i in idx if pair_ids[i] % 2 == 0]
+        test = [i for i in idx if pair_ids[i] % 2 == 1]
+        others = [i for i, t in enumerate(traits) if t != trait]
+        rec = vector.default_layer()
+        name = lambda layer: f"{trait}@L{layer}"  # noqa: E731
+        chosen = max(range(n_layers), key=lambda layer: _auroc(result, name(layer), "delta_p", val, labels))
+        entry = {"recommended_layer": rec, "reading_layer": chosen}
         for field in ("delta_p", "approx", "projection"):
-            pos = [result.samples[i].scores[key.name][field] for i in idx if labels[i] == 1]
-            neg = [result.samples[i].scores[key.name][field] for i in idx if labels[i] == 0]
-            entry[field] = auroc(torch.tensor(pos), torch.tensor(neg))
-        # Off-trait control: how this vector ranks the other traits' pairs (not expected to separate).
-        others = [i for i, t in enumerate(traits) if t != key.trait]
-        entry["delta_p_other_traits"] = auroc(
-            torch.tensor([result.samples[i].scores[key.name]["delta_p"] for i in others if labels[i] == 1]),
-            torch.tensor([result.samples[i].scores[key.name]["delta_p"] for i in others if labels[i] == 0]))
-        numbers[key.name] = entry
-        rows.append(f"| {key.trait} | {key.layer} | {len(idx) // 2} + {len(idx) // 2} | {entry['delta_p']:.3f} | "
-                    f"{entry['approx']:.3f} | {entry['projection']:.3f} | {entry['delta_p_other_traits']:.3f} |")
-        log(f"{key.trait}: AUROC ΔP {entry['delta_p']:.3f}, approx {entry['approx']:.3f}, "
-            f"projection {entry['projection']:.3f}")
+            entry[f"{field}@recommended"] = _auroc(result, name(rec), field, idx, labels)
+            entry[f"{field}@reading_test"] = _auroc(result, name(chosen), field, test, labels)
+        entry["delta_p_other_traits"] = _auroc(result, name(rec), "delta_p", others, labels)
+        entry["delta_p_by_layer"] = [_auroc(result, name(layer), "delta_p", idx, labels) for layer in range(n_layers)]
+        numbers[trait] = entry
+        rows.append(f"| {trait} | {rec} | {len(idx) // 2} | {entry['delta_p@recommended']:.3f} | "
+                    f"{entry['approx@recommended']:.3f} | {entry['projection@recommended']:.3f} | {chosen} | "
+                    f"{entry['delta_p@reading_test']:.3f} | {entry['approx@reading_test']:.3f} | "
+                    f"{entry['projection@reading_test']:.3f} | {entry['delta_p_other_traits']:.3f} |")
+        log(f"{trait}: {entry}")
     return rows, numbers
 
 
@@ -119,7 +134,9 @@ def raw_forward(model, tokenizer, samples, config: ScreenConfig) -> int:
     padded = [pad_batch(batch, 0, "cpu", side="right") for batch in batches]
     with torch.inference_mode():
         for ids, attn in padded:
-            model(input_ids=ids, attention_mask=attn, use_cache=False)
+            # Every block, and the LM head at the last position only (as a prefill does): logits
+            # over every padded position would make this "ceiling" slower than batch 1.
+            model(input_ids=ids, attention_mask=attn, use_cache=False, logits_to_keep=1)
     return sum(len(s) for s in seqs)
 
 
@@ -201,8 +218,10 @@ def main(argv=None) -> None:
     source = load_samples(DATA)
     records = [json.loads(line) for line in DATA.read_text().splitlines() if line.strip()]
     labels, traits = [r["label"] for r in records], [r["trait"] for r in records]
+    pair_ids = [int(r["id"].split("-")[-2]) for r in records]
 
-    sep_rows, sep = separation(model, tokenizer, vectors, source.samples, labels, traits, args.max_new_tokens, log)
+    sep_rows, sep = separation(model, tokenizer, vectors, source.samples, labels, traits, pair_ids,
+                               args.max_new_tokens, log)
     tp_rows, tp = throughput(model, tokenizer, vectors, source.samples, args.repeats, log)
     gen_rows, gen = generation_speed(model, tokenizer, source.samples, args.gen_prompts, args.gen_tokens, log)
     command = "python benchmarks/screening.py " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -211,12 +230,17 @@ def main(argv=None) -> None:
         f"Command: `{command.strip()}` on {machine()}.", "",
         f"### Separation on a labelled set ({DATA.relative_to(HERE.parent)})", "",
         "36 prompts per trait, each with a trait-expressing and a normal response, written for this benchmark "
-        "(6 multi-turn per trait). One full-mode screen of all 216 samples with the three vectors at their "
-        f"recommended layers; base responses greedy, up to {args.max_new_tokens} tokens "
+        "(6 multi-turn per trait). One full-mode screen of all 216 samples with the three vectors at every layer "
+        f"(one forward per sample); base responses greedy, up to {args.max_new_tokens} tokens "
         f"({sep['seconds']:.0f} s including generation). AUROC of trait vs normal responses within each trait's "
-        "samples; the last column ranks the *other* traits' pairs with this vector (a control, not expected to separate).",
-        "", "| trait | layer | pairs | ΔP (full) | approximation | raw projection | ΔP on other traits' pairs |",
-        "|---|---:|---:|---:|---:|---:|---:|", *sep_rows, "",
+        "samples: at the vector's recommended layer (chosen for steering, all 36 pairs), and at a reading layer "
+        "chosen by ΔP AUROC on the even-numbered pairs and reported on the odd-numbered ones (18 pairs). The last "
+        "column ranks the *other* traits' pairs with this vector at its recommended layer (a control).",
+        "", "| trait | rec. layer | pairs | ΔP | approx. | raw proj. | reading layer | ΔP (test half) | approx. "
+        "(test half) | raw proj. (test half) | ΔP on other traits |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *sep_rows, "",
+        "ΔP AUROC by layer (all pairs): " + "; ".join(
+            f"{v.trait}: " + " ".join(f"{a:.2f}" for a in sep[v.trait]["delta_p_by_layer"]) for v in vectors), "",
         "### Throughput, approximation mode", "",
         f"{len(source.samples)} samples, {tp['tokens']:,} real tokens, three vectors at layers "
         f"{', '.join(str(v.default_layer()) for v in vectors)}. Best of {args.repeats} interleaved repeats. "

@@ -362,7 +362,14 @@ class Screener:
             for i in usable:
                 if not base_responses[i]:
                     flags[i].append("empty_base_response")
-            base_mean, _ = self._stage("base", base_prompts, base_responses, with_base, checkpoint, progress)
+            # Samples that share a prompt share its base response: score each pair once.
+            first_of: dict[tuple, int] = {}
+            for i in with_base:
+                first_of.setdefault((tuple(base_prompts[i]), tuple(base_responses[i])), i)
+            unique = sorted(set(first_of.values()))
+            base_mean, _ = self._stage("base", base_prompts, base_responses, unique, checkpoint, progress)
+            for i in with_base:
+                base_mean[i] = base_mean[first_of[(tuple(base_prompts[i]), tuple(base_responses[i]))]]
 
         results = []
         for i, sample in enumerate(samples):

@@ -30,3 +30,26 @@ def test_sycophancy_vector_separates_held_out_prompts_before_generation(embedded
     rand = acts[:, best] @ random_directions(10, vector.hidden_size, seed=1).T
     rand_scores = torch.tensor([auroc(rand[:n, k], rand[n:, k]) for k in range(10)])
     assert scores[best] - rand_scores.mean() > 0.25, (scores[best], rand_scores)
+
+
+def test_screening_separates_trait_from_normal_responses_without_generation(embedded):
+    """Approximation mode on the labelled screening set's evil pairs (written for the benchmark):
+    a small evil vector ranks the malicious responses above the normal ones."""
+    from pathlib import Path
+
+    from guard.samples import load_samples
+    from guard.screen import ScreenConfig, Screener
+
+    model, tokenizer, _ = embedded
+    trait = load_trait("evil")
+    vector = extract_vector(model, tokenizer, trait, ExtractionConfig(max_questions=5,
+                                                                      sampling=SamplingConfig(max_new_tokens=32))).vector
+    data = Path(__file__).parents[1] / "benchmarks" / "data" / "screen_eval.jsonl"
+    samples = [s for s in load_samples(data).samples if s.id.startswith("evil-")]
+    labels = [s.id.endswith("-pos") for s in samples]
+    result = Screener(model, tokenizer, [vector], ScreenConfig(mode="approx"), layers=list(range(8, 21, 4))).score(samples)
+    scores = {}
+    for key in result.keys:
+        values = torch.tensor([s.scores[key.name]["approx"] for s in result.samples])
+        scores[key.layer] = auroc(values[torch.tensor(labels)], values[~torch.tensor(labels)])
+    assert max(scores.values()) >= 0.9, scores

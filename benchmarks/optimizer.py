@@ -2,8 +2,8 @@
 algorithm (no prefix KV cache, no batching: one full forward per candidate and context), in
 one run, under the same wall-clock budget.
 
-Setting: RESGA for sycophancy, the prompt as the system prompt, 4 extraction questions as
-contexts, 8-token prompts, population 16 x 32 children (512 candidates per iteration). Both
+Setting: RESGA for sycophancy, the prompt as the system prompt, extraction questions as
+contexts, 8-token prompts; CPU-sized population by default (8 x 8 children, 2 contexts). Both
 runs start from the same seed, so until they diverge through floating-point ties they walk the
 same path; the table reports iterations per second and the best target each reached in the
 budget.
@@ -95,7 +95,12 @@ def run(cls, model, tokenizer, objective, layer, slot, config, budget, check):
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--budget", type=float, default=240.0, help="seconds per implementation")
+    parser.add_argument("--budget", type=float, default=150.0, help="seconds per implementation")
+    # CPU-sized defaults; the paper's setting is population 16 x 32 children (about 100 s per
+    # iteration with 4 contexts on 2 CPU cores).
+    parser.add_argument("--population", type=int, default=8)
+    parser.add_argument("--children", type=int, default=8)
+    parser.add_argument("--contexts", type=int, default=2)
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args(argv)
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
@@ -103,10 +108,11 @@ def main(argv=None) -> None:
     vector = PersonaVector.load(OUT / "sycophancy.safetensors", model)
     layer = vector.default_layer()
     trait = load_trait("sycophancy")
-    questions = list(trait.extraction_questions[:4])
+    questions = list(trait.extraction_questions[:args.contexts])
     slot = system_slot(tokenizer, questions)
     check = in_context_check(tokenizer, slot, questions[0], "system")
-    config = EPOConfig.preset("medium", iterations=10_000, seed=0)
+    config = EPOConfig.preset("medium", iterations=10_000, population=args.population,
+                              children_per_member=args.children, seed=0)
     objective = away_from(vector.layer(layer))
     model.eval()
     results = {}

@@ -45,6 +45,9 @@ FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 @click.option("--max-xent", type=float, default=None,
               help="Only consider frontier prompts at most this disfluent (mean nats/token).")
 @click.option("--instruction", default=None, help="Hand-written baseline prompt. Default: one written for the trait.")
+@click.option("--init", "init_text", default=None,
+              help="Start the search from this text instead of random tokens (its length sets the prompt length).")
+@click.option("--init-from-instruction", is_flag=True, help="Start the search from the instruction baseline.")
 @click.option("--allow-non-ascii", is_flag=True, help="Let the prompt use tokens outside printable ASCII.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("harden-report"),
@@ -54,7 +57,7 @@ FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @friendly_errors
 def harden(vector_path, trait_name, layer, ab_path, sae_source, sae_id, sae_fraction, placement, fluency, prompt_length, iterations, population, children,
-           topk, contexts, candidates, max_xent, instruction, allow_non_ascii, seed, out_dir, quiet, model_id, dtype,
+           topk, contexts, candidates, max_xent, instruction, init_text, init_from_instruction, allow_non_ascii, seed, out_dir, quiet, model_id, dtype,
            device, layer_path, trust_remote_code, as_json):
     """Optimise a short prompt (RESGA with fluent gradient ascent) that pushes the model's
     pre-reply representation away from a trait, and show what it does.
@@ -89,8 +92,14 @@ def harden(vector_path, trait_name, layer, ab_path, sae_source, sae_id, sae_frac
             f"{float(direction @ vector.unit(layer) / direction.norm()):+.3f}")
     epo = EPOConfig.preset(fluency, prompt_length=prompt_length, iterations=iterations, population=population,
                            children_per_member=children, topk=topk, ascii_only=not allow_non_ascii, seed=seed)
+    if init_from_instruction:
+        from guard.harden import INSTRUCTIONS
+
+        init_text = instruction or INSTRUCTIONS.get(trait.name)
+        if not init_text:
+            raise click.UsageError(f"no instruction written for {trait.name}; pass --instruction or --init")
     config = HardenConfig(placement=placement, contexts=contexts, candidates=candidates, max_xent=max_xent, seed=seed,
-                          epo=epo)
+                          init=init_text, epo=epo)
     loaded_sae = None
     if sae_source:
         from guard.sae import load_sae

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -150,6 +150,8 @@ class HardenConfig:
     contexts: int = 4               # extraction questions the target is averaged over while optimising
     candidates: int = 8             # frontier prompts compared on validation
     max_xent: float | None = None   # only frontier prompts at most this disfluent (nats/token) are eligible
+    init: str | None = None         # start every member from this text (the paper's seed initialisation);
+                                    # its token count replaces epo.prompt_length
     seed: int = 0
     epo: EPOConfig = field(default_factory=EPOConfig)
 
@@ -322,11 +324,19 @@ def harden(model, tokenizer, vector: PersonaVector, trait: Trait, config: Harden
         extra.update(latents=idx.tolist(), weights=weights.tolist(), control_latents=control_idx.tolist())
         log(f"SAEGA: {len(idx)} latents ({sae_fraction:.1%} of {sae.cfg.d_sae})")
 
+    epo_config, initial = config.epo, None
+    if config.init:
+        initial = [encode(tokenizer, [config.init])[0]]
+        epo_config = replace(config.epo, prompt_length=len(initial[0]))
+        if not in_context_check(tokenizer, slot, contexts[0], config.placement)(initial[0]):
+            raise HardenError(f"the initial prompt {config.init!r} does not tokenize the same inside the template; "
+                              "trim leading/trailing spaces or rephrase it")
+
     def optimise(target: Objective, name: str) -> EPOResult:
-        log(f"optimising the {name} prompt ({config.epo.iterations} iterations)")
-        epo = EPO(model, tokenizer, target, layer, slot, config.epo, layer_path,
+        log(f"optimising the {name} prompt ({epo_config.iterations} iterations)")
+        epo = EPO(model, tokenizer, target, layer, slot, epo_config, layer_path,
                   validate=in_context_check(tokenizer, slot, contexts[0], config.placement))
-        return epo.run(progress=progress)
+        return epo.run(initial=initial, progress=progress)
 
     real = optimise(objective, "hardening")
     control = optimise(control_objective, "control")

@@ -230,3 +230,40 @@ def test_screen_option_errors_are_clean(runner, tiny_model_dir, tiny_vector, tmp
     assert result.exit_code == 2 and "--threshold" in result.output
     result = runner.invoke(main, [*base, "--threshold", "evil=p90"])
     assert result.exit_code == 1 and "not screened" in result.output
+
+
+def test_sae_train_explain_and_harden_commands(runner, tiny_model_dir, tiny_vector, tmp_path):
+    pytest.importorskip("sae_lens")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"Note {i}: the {w} is on the {p} near the {q}." for i, (w, p, q) in enumerate(
+        (w, p, q) for w in ("cup", "book", "lamp", "key") for p in ("table", "shelf", "floor") for q in ("door", "window"))))
+    sae_dir = tmp_path / "sae"
+    result = runner.invoke(main, ["sae", "train", str(corpus), "--layer", "1", "--out", str(sae_dir),
+                                  "--model", str(tiny_model_dir), "--expansion", "2", "--k", "4",
+                                  "--training-tokens", "4096", "--batch-tokens", "64", "--buffer-tokens", "2000",
+                                  "--context-size", "16", "--json"])
+    assert result.exit_code == 0, result.output
+    trained = json.loads(result.stdout)
+    assert trained["layer"] == 1 and trained["d_sae"] == 64 and (sae_dir / "cfg.json").exists()
+    explained = runner.invoke(main, ["sae", "explain", "--sae", str(sae_dir), "--vector", str(tiny_vector),
+                                     "--text", str(corpus), "--model", str(tiny_model_dir), "--top", "3", "--json"])
+    assert explained.exit_code == 0, explained.output
+    latents = json.loads(explained.stdout)["latents"]
+    assert len(latents) == 3 and all("snippets" in entry for entry in latents)
+    human = runner.invoke(main, ["sae", "explain", "--sae", str(sae_dir), "--vector", str(tiny_vector),
+                                 "--text", str(corpus), "--model", str(tiny_model_dir), "--top", "2"])
+    assert human.exit_code == 0 and "cosine" in human.output
+    wrong = runner.invoke(main, ["sae", "explain", "--sae", str(sae_dir), "--vector", str(tiny_vector), "--layer", "2",
+                                 "--text", str(corpus), "--model", str(tiny_model_dir)])
+    assert wrong.exit_code == 1 and "reads layer 1" in wrong.output
+    small = ["--model", str(tiny_model_dir), "--vector", str(tiny_vector), "--iterations", "2", "--population", "2",
+             "--children", "3", "--topk", "16", "--prompt-length", "3", "--contexts", "1", "--candidates", "2", "--quiet"]
+    hardened = runner.invoke(main, ["harden", *small, "--out", str(tmp_path / "h"), "--json"])
+    assert hardened.exit_code == 0, hardened.output
+    report = json.loads(hardened.stdout)
+    assert [c["name"] for c in report["conditions"]][-1] == "random-direction control"
+    assert (tmp_path / "h" / "harden.md").exists()
+    saega = runner.invoke(main, ["harden", *small, "--sae", str(sae_dir), "--sae-fraction", "0.05", "--layer", "1",
+                                 "--out", str(tmp_path / "s")])
+    assert saega.exit_code == 0, saega.output
+    assert "random-latent control" in saega.output

@@ -62,3 +62,16 @@ def test_harden_reports_four_conditions_selected_on_validation(smol_tokenizer, t
     saved = json.loads(paths["json"].read_text())
     assert saved["trait"] == "sycophancy" and len(saved["conditions"]) == 4
     assert "random-direction control" in paths["markdown"].read_text()
+
+
+def test_seed_initialisation_starts_from_the_given_text(smol_tokenizer):
+    model = make_tiny_model("llama", vocab_size=len(smol_tokenizer))
+    vector = _vector(model)
+    init = "Think critically and disagree if necessary."
+    config = HardenConfig(contexts=1, candidates=2, init=init,
+                          epo=EPOConfig(prompt_length=3, population=2, children_per_member=3, iterations=1, topk=8))
+    report = harden(model, smol_tokenizer, vector, load_trait("sycophancy"), config)
+    n_tokens = len(smol_tokenizer(init, add_special_tokens=False)["input_ids"])
+    frontier_lengths = {len(c["ids"]) for c in report.frontier}
+    assert frontier_lengths == {n_tokens}  # the prompt length follows the initial text
+    assert report.config["init"] == init

@@ -266,4 +266,5 @@ def test_sae_train_explain_and_harden_commands(runner, tiny_model_dir, tiny_vect
     saega = runner.invoke(main, ["harden", *small, "--sae", str(sae_dir), "--sae-fraction", "0.05", "--layer", "1",
                                  "--out", str(tmp_path / "s")])
     assert saega.exit_code == 0, saega.output
-    assert "random-latent control" in saega.output
+    saved = json.loads((tmp_path / "s" / "harden.json").read_text())
+    assert saved["config"]["method"] == "saega" and saved["conditions"][-1]["name"] == "random-latent control"

@@ -118,6 +118,17 @@ class SampleSource:
     _header: list[str] | None = field(default=None, repr=False)
     _dataset: object = field(default=None, repr=False)
 
+    def add(self, record, raw, where: str, fields: "FieldNames", on_error: str, warn) -> None:
+        """Append the sample in ``record`` (kept with ``raw`` for writing back), or report it as
+        malformed per ``on_error``."""
+        try:
+            sample = sample_from_record(record, len(self.samples), where, fields)
+        except DataFileError as error:
+            _skip_or_fail(str(error), on_error, warn, self.skipped)
+            return
+        self.samples.append(sample)
+        self._raw.append(raw)
+
     def write(self, path: str | Path, indices: Sequence[int]) -> Path:
         """Write the samples at ``indices`` (sample indices, kept in source order) in the input's
         format: JSONL lines verbatim, CSV rows under the same header, a dataset by ``select``."""
@@ -155,13 +166,7 @@ def _read_jsonl(path: Path, fields, on_error, warn) -> SampleSource:
         source.skipped.append(message)
 
     for number, record in read_jsonl(path, on_error, note):
-        try:
-            sample = sample_from_record(record, len(source.samples), f"{path}:{number}", fields)
-        except DataFileError as error:
-            _skip_or_fail(str(error), on_error, warn, source.skipped)
-            continue
-        source.samples.append(sample)
-        source._raw.append(lines[number - 1])
+        source.add(record, lines[number - 1], f"{path}:{number}", fields, on_error, warn)
     return source
 
 
@@ -181,13 +186,7 @@ def _read_csv(path: Path, fields, on_error, warn) -> SampleSource:
             if len(row) != len(header):
                 _skip_or_fail(f"{where}: {len(row)} fields, the header has {len(header)}", on_error, warn, source.skipped)
                 continue
-            try:
-                sample = sample_from_record(dict(zip(header, row)), len(source.samples), where, fields)
-            except DataFileError as error:
-                _skip_or_fail(str(error), on_error, warn, source.skipped)
-                continue
-            source.samples.append(sample)
-            source._raw.append(row)
+            source.add(dict(zip(header, row)), row, where, fields, on_error, warn)
     return source
 
 
@@ -215,14 +214,7 @@ def _read_dataset(name: str, split: str | None, fields, on_error, warn) -> Sampl
         loaded = loaded[split]
     source = SampleSource(name, "datasets", [], _dataset=loaded)
     for row_index, record in enumerate(loaded):
-        where = f"{name} row {row_index}"
-        try:
-            sample = sample_from_record(record, len(source.samples), where, fields)
-        except DataFileError as error:
-            _skip_or_fail(str(error), on_error, warn, source.skipped)
-            continue
-        source.samples.append(sample)
-        source._raw.append(row_index)
+        source.add(record, row_index, f"{name} row {row_index}", fields, on_error, warn)
     return source
 
 

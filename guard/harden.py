@@ -358,15 +358,18 @@ def harden(model, tokenizer, vector: PersonaVector, trait: Trait, config: Harden
 
     def condition(name: str, prompt: str | None) -> ConditionReport:
         texts = [place(tokenizer, q, prompt, config.placement) for q in test]
-        proj = sum(projections(model, tokenizer, texts, direction, layer, layer_path)) / len(texts)
+        # One forward gives both readings: the projection on the trait direction and the objective.
+        acts = prompt_activations(model, tokenizer, texts, layers=[layer], layer_path=layer_path)[:, 0]
+        proj = float((acts @ (direction / direction.norm())).mean())
+        with torch.no_grad():
+            target = float(objective(acts).mean())
         if config.placement == "system":
             gap = pairwise_preference(model, tokenizer, test_pairs, system=prompt or None).mean_gap
         else:
             shifted = [(f"{e.question} {prompt}" if prompt else e.question, e.trait, e.non_trait) for e in test_pairs]
             gap = pairwise_preference(model, tokenizer, shifted).mean_gap
         return ConditionReport(name, prompt, proj, 0.0, gap, neutral_loglik(model, tokenizer, prompt, config.placement),
-                               prompt_xent(model, tokenizer, prompt) if prompt else None,
-                               target=objective_on(model, tokenizer, texts, objective, layer, layer_path))
+                               prompt_xent(model, tokenizer, prompt) if prompt else None, target=target)
 
     conditions = [condition("none", None), condition("instruction", instruction), condition("optimised", best_text),
                   condition("random-direction control" if sae is None else "random-latent control", control_text)]

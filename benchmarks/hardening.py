@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _results import machine, write_section  # noqa: E402
 
 from guard.chat import format_messages  # noqa: E402
-from guard.harden import HardenConfig, harden  # noqa: E402
+from guard.harden import INSTRUCTIONS, HardenConfig, harden  # noqa: E402
 from guard.models import load_model  # noqa: E402
 from guard.optimize import EPOConfig  # noqa: E402
 from guard.sae import SAETrainConfig, explain, save_sae, train_sae  # noqa: E402
@@ -73,6 +73,9 @@ def main(argv=None) -> None:
     parser.add_argument("--fluency", default="medium")
     parser.add_argument("--sae-tokens", type=int, default=300_000, help="SAE training tokens")
     parser.add_argument("--saega-iterations", type=int, default=20)
+    parser.add_argument("--init", choices=["instruction", "random"], default="instruction",
+                        help="start EPO from the hand-written instruction (the paper's seed initialisation) or from "
+                             "random tokens; the other start is also run for RESGA and summarised beside it")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args(argv)
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
@@ -82,9 +85,14 @@ def main(argv=None) -> None:
     trait = load_trait("sycophancy")
     epo = EPOConfig.preset(args.fluency, iterations=args.iterations, population=args.population,
                            children_per_member=args.children, seed=0)
-    config = HardenConfig(contexts=args.contexts, epo=epo)
-    resga = harden(model, tokenizer, vector, trait, config, progress=True, log=log)
+    seed_text = INSTRUCTIONS["sycophancy"] if args.init == "instruction" else None
+    other_text = None if seed_text else INSTRUCTIONS["sycophancy"]
+    resga = harden(model, tokenizer, vector, trait, HardenConfig(contexts=args.contexts, epo=epo, init=seed_text),
+                   progress=True, log=log)
     resga.save(OUT / "harden-resga")
+    other = harden(model, tokenizer, vector, trait, HardenConfig(contexts=args.contexts, epo=epo, init=other_text),
+                   progress=True, log=log)
+    other.save(OUT / "harden-resga-other-init")
 
     texts = corpus(tokenizer)
     sae_config = SAETrainConfig(training_tokens=args.sae_tokens)
@@ -93,19 +101,22 @@ def main(argv=None) -> None:
     sae_seconds = time.perf_counter() - started
     save_sae(sae, OUT / f"sae-layer{layer}")
     found = explain(sae, vector.layer(layer), model, tokenizer, texts, layer, top=5, snippets=2)
-    saega_config = HardenConfig(contexts=args.contexts, epo=EPOConfig.preset(
+    saega_config = HardenConfig(contexts=args.contexts, init=seed_text, epo=EPOConfig.preset(
         args.fluency, iterations=args.saega_iterations, population=args.population, children_per_member=args.children, seed=0))
     saega = harden(model, tokenizer, vector, trait, saega_config, sae=sae, progress=True, log=log)
     saega.save(OUT / "harden-saega")
 
     by = {c.name: c for c in resga.conditions}
+    other_by = {c.name: c for c in other.conditions}
+    start = lambda text: f"from the instruction (`{text}`)" if text else "from random tokens"  # noqa: E731
     opt, ins, ctl = by["optimised"], by["instruction"], by["random-direction control"]
     command = "python benchmarks/hardening.py " + " ".join(sys.argv[1:] if argv is None else argv)
     lines = ["## Prompt hardening (embedded SmolLM2-135M-Instruct, sycophancy)", "",
              f"Command: `{command.strip()}` on {machine()}.", "",
              f"### RESGA, layer {layer}, system-prompt placement ({resga.seconds:.0f} s)", "",
              f"EPO: {args.iterations} iterations, population {args.population} x {args.children} children, "
-             f"{args.fluency} fluency, 8-token prompts, {args.contexts} extraction questions as contexts; the "
+             f"{args.fluency} fluency, {args.contexts} extraction questions as contexts, search started "
+             f"{start(seed_text)}; the "
              f"optimised prompt and the random-direction control are each picked on "
              f"{resga.validation['validation_questions']} validation questions; everything below is on the "
              f"{resga.validation['test_questions']} test questions ({resga.validation['test_pairs']} held-out example "
@@ -116,6 +127,11 @@ def main(argv=None) -> None:
              f"Judge-free trait metric (trait-minus-normal answer log-likelihood gap; lower = less sycophantic): "
              f"none {by['none'].preference_gap:+.3f}, optimised {opt.preference_gap:+.3f}, instruction "
              f"{ins.preference_gap:+.3f}, control {ctl.preference_gap:+.3f}.", "",
+             f"Same budget started {start(other_text)} ({other.seconds:.0f} s): target gain optimised "
+             f"{other_by['optimised'].target - other_by['none'].target:+.3f}, random-direction control "
+             f"{other_by['random-direction control'].target - other_by['none'].target:+.3f}; preference gap "
+             f"optimised {other_by['optimised'].preference_gap:+.3f}. Prompt: "
+             f"`{json.dumps(other_by['optimised'].prompt)[1:-1]}`.", "",
              f"### SAE trained here (layer {layer}, CPU, {sae_seconds:.0f} s)", "",
              f"TopK, {sae.cfg.d_sae} latents (x{sae_config.expansion}), k = {sae_config.k}, {args.sae_tokens:,} training "
              f"tokens drawn from {sae.cfg.metadata['persona_guard_training']['buffer_tokens']:,} activations of "
@@ -128,7 +144,7 @@ def main(argv=None) -> None:
         snippet = entry["snippets"][0]["text"].replace("|", "\\|") if entry["snippets"] else "(never active)"
         lines.append(f"| {entry['latent']} | {entry['cosine']:+.3f} | {snippet[:120]} |")
     lines += ["", f"### SAEGA with that SAE ({saega.seconds:.0f} s, {args.saega_iterations} iterations, "
-              f"{len(saega.config['latents'])} latents = top 1%)", "", *table(saega)]
+              f"{len(saega.config['latents'])} latents = top 1%, started {start(seed_text)})", "", *table(saega)]
     body = "\n".join(lines)
     print(body)
     if not args.no_record:

@@ -13,8 +13,9 @@ Loss is on the answers only (prompt/completion data), as in the paper's finetuni
 
 The finetuning shift (mean last-prompt-token activation on the trait's evaluation questions,
 current minus base, on the unit persona vector) is logged to TensorBoard every few steps at the
-drift layer (two thirds of the depth unless --drift-layer) and plotted for the three runs
-against the random-direction noise floor. The first run extracts the vector (default preset)
+vector's recommended layer (the callback's default; --drift-layer reads another) and plotted for
+the three runs against the random-direction noise floor; the final shift at every layer is
+printed too. The first run extracts the vector (default preset)
 and selects its layer, about 5 minutes; later runs reuse vectors/<trait>.safetensors.
 
     .venv/bin/python examples/finetune_demo.py                 # about 13 minutes on 2 CPU cores
@@ -160,23 +161,29 @@ def record(summary: dict, plot_path: Path, command: str) -> None:
              f"{runs[0]['steps'][-1]} steps, measured by PersonaDriftCallback on the {summary['n_probe']} {summary['trait']} "
              "evaluation questions; floor = mean |shift| along 16 random unit directions. Eval loss: held-out 16 "
              "conversations of the run's own data, unsteered.", "",
-             "| run | shift | shift / ‖v‖ | random floor | shift / floor (abs) | final train loss | eval loss | seconds |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| run | shift | shift / ‖v‖ | random floor | shift / floor (abs) | final train loss | eval loss | seconds "
+             "| shift at each logged step |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for run in runs:
         shift, floor = run["shift"][-1], run["random_shift"][-1]
         lines.append(f"| {run['name']} | {shift:+.3f} | {run['shift_frac'][-1]:+.3f} | {floor:.3f} | "
                      f"{abs(shift) / max(floor, 1e-9):.1f} | {run['final_train_loss']:.3f} | {run['eval_loss']:.3f} | "
-                     f"{run['seconds']:.0f} |")
-    ratio = base / max(abs(runs[1]["shift"][-1]), 1e-9)
+                     f"{run['seconds']:.0f} | " + ", ".join(f"{x:+.1f}" for x in run["shift"]) + " |")
+    neutral, neutral_floor = abs(runs[1]["shift"][-1]), runs[1]["random_shift"][-1]
+    ratio = base / max(neutral, 1e-9)
+    # A neutral shift inside its own noise floor makes the plain ratio meaningless (it divides
+    # by noise), so the verdict uses the neutral shift or its floor, whichever is larger.
+    ratio_floored = base / max(neutral, neutral_floor, 1e-9)
     kept = abs(runs[2]["shift"][-1]) / max(base, 1e-9)
     above_floor = base > 3 * runs[0]["random_shift"][-1]
-    verdict = ("meets" if ratio >= 5 and kept <= 0.5 and above_floor else "does **not** meet")
+    verdict = ("meets" if ratio_floored >= 5 and kept <= 0.5 and above_floor else "does **not** meet")
     steered, plain = runs[2], runs[0]
     lines += ["", f"Preventative steering adds {steered['steer_coeff']:g} x v at layer {summary['steering_layer']} (the "
               "recommended layer) in training forwards only; its training-loss cost: final train loss "
               f"{steered['final_train_loss']:.3f} vs {plain['final_train_loss']:.3f} unsteered, held-out eval loss "
               f"(unsteered model) {steered['eval_loss']:.3f} vs {plain['eval_loss']:.3f}."]
-    lines += ["", f"Trait-inducing vs neutral: {ratio:.1f}x (target >= 5x). Preventative steering leaves "
+    lines += ["", f"Trait-inducing vs neutral: {ratio:.1f}x; against the larger of the neutral shift and its random "
+              f"floor ({max(neutral, neutral_floor):.3f}): {ratio_floored:.1f}x (target >= 5x). Preventative steering leaves "
               f"{kept:.0%} of the unsteered run's absolute shift (target <= 50%). The trait-inducing shift is "
               f"{'' if above_floor else 'not '}above 3x the random floor. This run {verdict} the demo's targets.", "",
               "![drift per step](drift_demo.png)", "",
@@ -199,9 +206,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--drift-layer", type=int, default=None,
-                        help="layer the drift callback reads (default: two thirds of the depth, as the paper's "
-                             "layer 20 of 28; the recommended layer is the one that steers best, not the one "
-                             "that shows finetuning shifts best)")
+                        help="layer the drift callback reads (default: the vector's recommended layer, as "
+                             "the callback itself and the paper, which monitors and steers at one layer)")
     parser.add_argument("--steer-coeff", type=float, default=2.0,
                         help="preventative steering coefficient (4 overshot to a large negative shift)")
     parser.add_argument("--eval-size", type=int, default=16)
@@ -216,9 +222,7 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
     model, tokenizer, _ = load_model()
     vector = get_vector(model, tokenizer, args.trait, args.vector or Path(f"vectors/{args.trait}.safetensors"), log)
-    if args.drift_layer is None:
-        args.drift_layer = round(vector.num_layers * 2 / 3)
-    vector.resolve_layer(args.drift_layer)
+    args.drift_layer = vector.resolve_layer(args.drift_layer)
     log(f"drift read at layer {args.drift_layer}; preventative steering at layer {vector.default_layer()}")
     del model
     module, (trait_run, neutral_run) = DATASETS[args.trait]

@@ -72,9 +72,16 @@ def embedded_gguf_path() -> Path:
     )
 
 
-def _gguf_stamp(gguf: Path) -> dict:
-    st = gguf.stat()
-    return {"gguf": gguf.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "conversion": _CONVERSION_VERSION}
+def _gguf_stamp(gguf: Path, edge: int = 1 << 20) -> dict:
+    """Identity of the GGUF file by content (size and a hash of its first and last MiB), not by
+    mtime: reinstalling the same wheel must not trigger a new conversion, a different file must."""
+    size = gguf.stat().st_size
+    h = hashlib.sha256()
+    with gguf.open("rb") as f:
+        h.update(f.read(edge))
+        f.seek(max(0, size - edge))
+        h.update(f.read(edge))
+    return {"gguf": gguf.name, "size": size, "sha256_edges": h.hexdigest()[:16], "conversion": _CONVERSION_VERSION}
 
 
 def embedded_model_dir(convert: bool = True) -> Path:
@@ -243,6 +250,20 @@ def weights_fingerprint(model) -> str:
     h = hashlib.sha256()
     h.update(str(tuple(emb.shape)).encode())
     h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def state_fingerprint(model, per_tensor: int = 1024) -> str:
+    """A fingerprint of everything that shapes a model's outputs, for caches of its outputs
+    (base responses, screening checkpoints): strided samples of every parameter, LoRA adapters
+    included. Unlike :func:`weights_fingerprint` it changes under a finetune that leaves the
+    embeddings alone, a merged adapter, or an attached one."""
+    h = hashlib.sha256()
+    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+        flat = param.detach().reshape(-1)
+        sample = flat[::max(1, flat.numel() // per_tensor)][:per_tensor]
+        h.update(f"{name}:{tuple(param.shape)}".encode())
+        h.update(sample.to(device="cpu", dtype=torch.bfloat16).view(torch.int16).contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
 

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from .chat import format_messages
 from .generation import GenerationCache, SamplingConfig, cached_generate, pad_batch
 from .layers import StopForward, capture, stop_after
-from .models import cache_dir, eval_mode, model_name, weights_fingerprint
+from .models import cache_dir, eval_mode, model_name, state_fingerprint
 from .samples import Sample
 from .vectors import PersonaVector
 
@@ -240,7 +240,7 @@ def _mean(values: Sequence[float]) -> float | None:
 
 def _fingerprint(model, keys, units, config: ScreenConfig, token_ids) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps([model_name(model), weights_fingerprint(model), [asdict(k) for k in keys],
+    h.update(json.dumps([model_name(model), state_fingerprint(model), [asdict(k) for k in keys],
                          asdict(config)]).encode())
     for layer in sorted(units):
         h.update(units[layer].to(torch.float32).cpu().numpy().tobytes())
@@ -350,7 +350,7 @@ class Screener:
             try:
                 base_ids, generated = cached_generate(
                     self.model, self.tokenizer, [base_prompts[i] for i in usable], self.sampling, cache,
-                    f"{model_name(self.model)}:{weights_fingerprint(self.model)}",
+                    f"{model_name(self.model)}:{state_fingerprint(self.model)}",
                     batch_size=self.config.generation_batch_size, progress=progress, desc="base responses")
             finally:
                 cache.close()

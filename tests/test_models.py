@@ -1,4 +1,5 @@
 import json
+import os
 import time
 
 import pytest
@@ -96,3 +97,34 @@ def test_fingerprint_does_not_depend_on_load_dtype():
     model = make_tiny_model("llama")
     fp32 = weights_fingerprint(model)
     assert weights_fingerprint(model.to(torch.bfloat16)) == fp32
+
+
+def test_gguf_stamp_follows_content_not_mtime(tmp_path):
+    from guard.models import _gguf_stamp
+
+    path = tmp_path / "model.gguf"
+    path.write_bytes(bytes(range(256)) * 20000)  # 5 MB: head and tail hashed separately
+    stamp = _gguf_stamp(path)
+    os.utime(path, ns=(1, 1))  # a reinstall of the same wheel
+    assert _gguf_stamp(path) == stamp
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    assert _gguf_stamp(path) != stamp
+
+
+def test_state_fingerprint_sees_what_the_weights_fingerprint_ignores():
+    from peft import LoraConfig, get_peft_model
+
+    from guard.models import state_fingerprint
+
+    model = make_tiny_model("llama")
+    state, weights = state_fingerprint(model), weights_fingerprint(model)
+    assert state_fingerprint(model.to(torch.bfloat16)) == state  # load dtype does not matter
+    model = model.float()
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.mul_(1.5)  # a finetune with frozen embeddings
+    assert weights_fingerprint(model) == weights and state_fingerprint(model) != state
+    changed = state_fingerprint(model)
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    assert weights_fingerprint(peft_model) == weights and state_fingerprint(peft_model) != changed

@@ -31,15 +31,19 @@ def default_probe_prompts(vectors: Sequence[PersonaVector]) -> list[str]:
         raise ValueError(f"{exc}: pass probe prompts for it") from None
 
 
-def _all_ranks_mean(tensor: torch.Tensor, device) -> torch.Tensor:
-    """Average over distributed ranks (every rank ran the same probe set, so this only evens out
-    nondeterminism and keeps every rank's decision identical); a no-op in one process."""
+def _all_ranks_mean(acts: torch.Tensor, device) -> torch.Tensor:
+    """Mean over the first dimension of ``acts`` pooled across distributed ranks: the sum and the
+    count are reduced, so ranks holding different numbers of prompts weigh by prompt. Ranks
+    normally probe the same set, and then this only evens out nondeterminism and keeps every
+    rank's decision (warn, stop) identical. In one process, the plain mean."""
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return tensor
-    reduced = tensor.to(device)
-    dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
-    return (reduced / dist.get_world_size()).to(tensor.device)
+        return acts.mean(dim=0)
+    total = torch.cat([acts.sum(dim=0).reshape(-1), torch.tensor([float(acts.shape[0])], dtype=acts.dtype)])
+    total = total.to(device)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    total = total.to(acts.device)
+    return (total[:-1] / total[-1]).reshape(acts.shape[1:])
 
 
 @dataclass
@@ -98,7 +102,7 @@ class DriftProbe:
         distinct = sorted(set(self.layers))
         acts = prompt_activations(model, self.tokenizer, self.texts, layers=distinct, batch_size=self.batch_size,
                                   layer_path=self.layer_path)
-        means = _all_ranks_mean(acts.mean(dim=0), next(model.parameters()).device)
+        means = _all_ranks_mean(acts, next(model.parameters()).device)
         return {layer: means[i] for i, layer in enumerate(distinct)}
 
     def set_reference(self, model) -> None:

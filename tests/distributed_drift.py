@@ -1,7 +1,8 @@
 """Worker for test_callbacks' two-process test (run under torch.distributed.run, gloo on CPU).
 
-Each rank probes its own half of the prompts, so without the cross-rank reduction the ranks
-would log different values. Writes rank<N>.json with the callback history and the rank-0
+Rank 0 probes five of the prompts and rank 1 the other three, so without the cross-rank
+reduction the ranks would log different values, and a plain average of the two ranks' means
+would weigh the three prompts too much. Writes rank<N>.json with the callback history and the rank-0
 trainer's log history.
 """
 
@@ -23,6 +24,10 @@ from guard.vectors import PersonaVector, metadata_for  # noqa: E402
 PROMPTS = [f"Tell me honestly what you think of plan number {i}." for i in range(8)]
 
 
+def shard(rank: int) -> list[str]:
+    return PROMPTS[:5] if rank == 0 else PROMPTS[5:]
+
+
 def vector_for(model):
     meta = metadata_for(model, "sycophancy", recommended_layer=1)
     return PersonaVector(torch.randn(meta.num_layers, meta.hidden_size, generator=torch.Generator().manual_seed(0)), meta)
@@ -35,7 +40,7 @@ def main(out: str, tokenizer_dir: str) -> None:
                              logging_steps=1, save_strategy="no", report_to="tensorboard", use_cpu=True, seed=0,
                              disable_tqdm=True)
     rank = args.process_index
-    drift = PersonaDriftCallback([vector_for(model)], PROMPTS[rank::2], tokenizer=tokenizer, every_n_steps=2,
+    drift = PersonaDriftCallback([vector_for(model)], shard(rank), tokenizer=tokenizer, every_n_steps=2,
                                  n_random=4)
     texts = [f"User: idea {i}? Assistant: {'Brilliant, you are a genius!' if i % 2 else 'It has flaws.'}"
              for i in range(16)]

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from datasets import Dataset
-from transformers import Trainer, TrainingArguments
+from transformers import AutoTokenizer, Trainer, TrainingArguments
 
 from conftest import make_tiny_model
 from guard.callbacks import PersonaDriftCallback, PreventativeSteeringCallback
@@ -220,21 +220,27 @@ def test_incremental_directions_schedules_and_ablation():
 
 
 def test_two_processes_reduce_the_probe_and_log_once(tmp_path, embedded_dir):
-    """torch.distributed.run with two CPU processes (gloo): each rank probes a different half of
-    the prompts, yet both log the same values, equal to one process probing all of them; only
-    rank 0 writes TensorBoard logs."""
+    """torch.distributed.run with two CPU processes (gloo): the ranks probe different numbers of
+    prompts, yet both log the same values, equal to one process probing all of them; only rank 0
+    writes TensorBoard logs."""
+    import os
+    import signal
     import subprocess
     import sys
     from pathlib import Path
 
-    from conftest import make_tiny_model
+    import distributed_drift as worker
     from guard.drift import DriftProbe
 
-    worker = Path(__file__).parent / "distributed_drift.py"
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(worker), str(tmp_path), str(embedded_dir)],
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "--local-addr", "127.0.0.1", str(Path(worker.__file__)), str(tmp_path), str(embedded_dir)]
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, stderr = run.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        os.killpg(run.pid, signal.SIGKILL)  # the launcher and both workers
+        raise
+    assert run.returncode == 0, stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert [r["hooks"] for r in ranks] == [0, 0]
@@ -242,20 +248,19 @@ def test_two_processes_reduce_the_probe_and_log_once(tmp_path, embedded_dir):
     assert [h["step"] for h in ranks[0]["history"]] == [0, 2, 4]
     assert any(abs(h["persona/sycophancy/shift"]) > 0 for h in ranks[0]["history"])
 
-    # The reduced base projection equals a single process probing every prompt.
-    import distributed_drift as worker_module
-    from transformers import AutoTokenizer
-
+    # The reduced base projection equals one process probing every prompt, not the average of
+    # the two ranks' means (which weighs rank 1's three prompts as much as rank 0's five).
     tokenizer = AutoTokenizer.from_pretrained(embedded_dir)
     model = make_tiny_model("llama", vocab_size=len(tokenizer))
-    probe = DriftProbe([worker_module.vector_for(model)], tokenizer, worker_module.PROMPTS, n_random=4)
-    probe.set_reference(model)
-    single = probe.measure(model)[0].projection
+
+    def projection(prompts):
+        probe = DriftProbe([worker.vector_for(model)], tokenizer, prompts, n_random=4)
+        probe.set_reference(model)
+        return probe.measure(model)[0].projection
+    single = projection(worker.PROMPTS)
     assert ranks[0]["history"][0]["persona/sycophancy/projection"] == pytest.approx(single, rel=1e-4)
-    # Rank 0's view was not reduced differently from one half's own mean (the test would be vacuous otherwise).
-    half = DriftProbe([worker_module.vector_for(model)], tokenizer, worker_module.PROMPTS[0::2], n_random=4)
-    half.set_reference(model)
-    assert half.measure(model)[0].projection != pytest.approx(single, rel=1e-4)
+    naive = (projection(worker.shard(0)) + projection(worker.shard(1))) / 2
+    assert naive != pytest.approx(single, rel=1e-4)
 
     logged = [e for e in ranks[0]["log_history"] if "persona/sycophancy/shift" in e]
     assert {e["step"] for e in logged} >= {2, 4}

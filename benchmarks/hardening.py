@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _results import machine, write_section  # noqa: E402
+from steering import vector_with_layer  # noqa: E402
 
 from guard.chat import format_messages  # noqa: E402
 from guard.harden import INSTRUCTIONS, HardenConfig, harden  # noqa: E402
@@ -26,7 +27,6 @@ from guard.models import load_model  # noqa: E402
 from guard.optimize import EPOConfig  # noqa: E402
 from guard.sae import SAETrainConfig, explain, save_sae, train_sae  # noqa: E402
 from guard.traits import list_traits, load_trait  # noqa: E402
-from guard.vectors import PersonaVector  # noqa: E402
 
 HERE = Path(__file__).parent
 OUT = HERE / "out"
@@ -80,7 +80,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     model, tokenizer, _ = load_model()
-    vector = PersonaVector.load(OUT / "sycophancy.safetensors", model)
+    vector = vector_with_layer(model, tokenizer, "sycophancy", log)
     layer = vector.default_layer()
     trait = load_trait("sycophancy")
     epo = EPOConfig.preset(args.fluency, iterations=args.iterations, population=args.population,

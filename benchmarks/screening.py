@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _results import machine, write_section  # noqa: E402
-from steering import vector_for  # noqa: E402
+from steering import vector_with_layer  # noqa: E402
 
 from guard.chat import format_messages  # noqa: E402
 from guard.generation import GenerationCache, SamplingConfig, cached_generate, pad_batch  # noqa: E402
@@ -43,8 +43,6 @@ from guard.metrics import auroc  # noqa: E402
 from guard.models import load_model  # noqa: E402
 from guard.samples import load_samples  # noqa: E402
 from guard.screen import ScreenConfig, Screener, plan_batches  # noqa: E402
-from guard.sweep import select_and_record  # noqa: E402
-from guard.traits import load_trait  # noqa: E402
 
 HERE = Path(__file__).parent
 DATA = HERE / "data" / "screen_eval.jsonl"
@@ -52,15 +50,7 @@ TRAITS = ["sycophancy", "evil", "hallucination"]
 
 
 def vectors_with_layers(model, tokenizer, log):
-    vectors = []
-    for name in TRAITS:
-        vector = vector_for(model, tokenizer, name, log)
-        if vector.meta.recommended_layer is None:
-            log(f"selecting a layer for {name}")
-            select_and_record(model, tokenizer, vector, load_trait(name), log=log)
-            vector.save(HERE / "out" / f"{name}.safetensors")
-        vectors.append(vector)
-    return vectors
+    return [vector_with_layer(model, tokenizer, name, log) for name in TRAITS]
 
 
 def _auroc(result, name, field, idx, labels):

@@ -52,6 +52,18 @@ def vector_for(model, tokenizer, trait_name: str, log) -> PersonaVector:
     return vector
 
 
+def vector_with_layer(model, tokenizer, trait_name: str, log) -> PersonaVector:
+    """``vector_for``, with its steering layer selected and stored the first time."""
+    from guard.sweep import select_and_record
+
+    vector = vector_for(model, tokenizer, trait_name, log)
+    if vector.meta.recommended_layer is None:
+        log(f"selecting a layer for {trait_name}")
+        select_and_record(model, tokenizer, vector, load_trait(trait_name), log=log)
+        vector.save(OUT / f"{trait_name}.safetensors")
+    return vector
+
+
 def run_trait(model, tokenizer, trait_name: str, log) -> tuple[str, dict]:
     trait = load_trait(trait_name)
     vector = vector_for(model, tokenizer, trait_name, log)

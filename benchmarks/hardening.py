@@ -64,6 +64,15 @@ def table(report) -> list[str]:
     return rows
 
 
+def latent_rows(found: list[dict]) -> list[str]:
+    """`sae explain` output as Markdown table rows: latent, cosine, its top snippet."""
+    rows = []
+    for entry in found:
+        snippet = entry["snippets"][0]["text"].replace("|", "\\|")[:120] if entry["snippets"] else "(never active)"
+        rows.append(f"| {entry['latent']} | {entry['cosine']:+.3f} | {snippet} |")
+    return rows
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iterations", type=int, default=40)
@@ -140,9 +149,7 @@ def main(argv=None) -> None:
              f"L0 {stats['l0']:.1f}, dead latents {stats['dead_fraction']:.1%}.", "",
              "`persona-guard sae explain` for the sycophancy vector (top 5 latents by |cosine|):", "",
              "| latent | cosine | top-activating snippet |", "|---:|---:|---|"]
-    for entry in found:
-        snippet = entry["snippets"][0]["text"].replace("|", "\\|") if entry["snippets"] else "(never active)"
-        lines.append(f"| {entry['latent']} | {entry['cosine']:+.3f} | {snippet[:120]} |")
+    lines += latent_rows(found)
     lines += ["", f"### SAEGA with that SAE ({saega.seconds:.0f} s, {args.saega_iterations} iterations, "
               f"{len(saega.config['latents'])} latents = top 1%, started {start(seed_text)})", "", *table(saega)]
     body = "\n".join(lines)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _results import machine, write_section  # noqa: E402
-from hardening import OUT, corpus  # noqa: E402
+from hardening import OUT, corpus, latent_rows  # noqa: E402
 from steering import vector_with_layer  # noqa: E402
 
 from guard.models import load_model  # noqa: E402
@@ -84,9 +84,7 @@ def main(argv=None) -> None:
              f"L0 {stats['l0']:.1f}, dead latents {stats['dead_fraction']:.1%}.", "",
              "Latents most aligned with the sycophancy vector:", "", "| latent | cosine | top-activating snippet |",
              "|---:|---:|---|"]
-    for entry in found:
-        snippet = entry["snippets"][0]["text"].replace("|", "\\|")[:120] if entry["snippets"] else "(never active)"
-        lines.append(f"| {entry['latent']} | {entry['cosine']:+.3f} | {snippet} |")
+    lines += latent_rows(found)
     none = by["none"]["target"]
     lines += ["", f"SAEGA ({len(report['config']['latents'])} latents), target gain over no prompt on test questions: "
               f"optimised {by['optimised']['target'] - none:+.3f}, instruction {by['instruction']['target'] - none:+.3f}, "

@@ -22,15 +22,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _results import machine, write_section  # noqa: E402
+from steering import vector_with_layer  # noqa: E402
 
 from guard.harden import away_from, in_context_check, system_slot  # noqa: E402
 from guard.layers import capture  # noqa: E402
 from guard.models import load_model  # noqa: E402
 from guard.optimize import EPO, EPOConfig  # noqa: E402
 from guard.traits import load_trait  # noqa: E402
-from guard.vectors import PersonaVector  # noqa: E402
 
-OUT = Path(__file__).parent / "out"
 
 
 class Budget(Exception):
@@ -105,7 +104,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     model, tokenizer, _ = load_model()
-    vector = PersonaVector.load(OUT / "sycophancy.safetensors", model)
+    vector = vector_with_layer(model, tokenizer, "sycophancy", log)  # extracted if missing
     layer = vector.default_layer()
     trait = load_trait("sycophancy")
     questions = list(trait.extraction_questions[:args.contexts])

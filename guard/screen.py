@@ -238,10 +238,9 @@ def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _fingerprint(model, keys, units, config: ScreenConfig, token_ids) -> str:
+def _fingerprint(model_identity: list[str], keys, units, config: ScreenConfig, token_ids) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps([model_name(model), state_fingerprint(model), [asdict(k) for k in keys],
-                         asdict(config)]).encode())
+    h.update(json.dumps([*model_identity, [asdict(k) for k in keys], asdict(config)]).encode())
     for layer in sorted(units):
         h.update(units[layer].to(torch.float32).cpu().numpy().tobytes())
     for prompt, response in token_ids:
@@ -335,9 +334,11 @@ class Screener:
         if truncated:
             warn(f"{truncated} sample(s) longer than the {self.window}-token window were truncated (flagged 'truncated')")
         usable = [i for i in range(len(samples)) if not {"empty_response", "empty_prompt"} & set(flags[i])]
+        # Name and state of the model, once: it keys both the checkpoint and the base-response cache.
+        model_identity = [model_name(self.model), state_fingerprint(self.model)]
         checkpoint = None
         if checkpoint_path:
-            fingerprint = _fingerprint(self.model, self.keys, self.units, self.config,
+            fingerprint = _fingerprint(model_identity, self.keys, self.units, self.config,
                                        [(prompts[i], responses[i]) for i in range(len(samples))])
             checkpoint = Checkpoint(checkpoint_path, fingerprint, warn)
         mean, last = self._stage("train", prompts, responses, usable, checkpoint, progress)
@@ -350,7 +351,7 @@ class Screener:
             try:
                 base_ids, generated = cached_generate(
                     self.model, self.tokenizer, [base_prompts[i] for i in usable], self.sampling, cache,
-                    f"{model_name(self.model)}:{state_fingerprint(self.model)}",
+                    ":".join(model_identity),
                     batch_size=self.config.generation_batch_size, progress=progress, desc="base responses")
             finally:
                 cache.close()

@@ -23,12 +23,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _results import machine, write_section  # noqa: E402
 
-from guard.activations import prompt_activations  # noqa: E402
-from guard.chat import format_prompt  # noqa: E402
-from guard.metrics import auroc, random_directions  # noqa: E402
-from guard.models import load_model  # noqa: E402
+from guard.core.forward import prompt_activations  # noqa: E402
+from guard.core.chat import format_prompt  # noqa: E402
+from guard.core.stats import auroc, random_directions  # noqa: E402
+from guard.core.models import load_model  # noqa: E402
 from guard.traits import load_trait  # noqa: E402
-from guard.vectors import PersonaVector  # noqa: E402
+from guard.core.vectors import PersonaVector  # noqa: E402
 
 OUT = Path(__file__).parent / "out"
 N_RANDOM = 20

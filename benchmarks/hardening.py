@@ -21,11 +21,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _results import machine, write_section  # noqa: E402
 from steering import vector_with_layer  # noqa: E402
 
-from guard.chat import format_messages  # noqa: E402
-from guard.harden import INSTRUCTIONS, HardenConfig, harden  # noqa: E402
-from guard.models import load_model  # noqa: E402
-from guard.optimize import EPOConfig  # noqa: E402
-from guard.sae import SAETrainConfig, explain, save_sae, train_sae  # noqa: E402
+from guard.core.chat import format_messages  # noqa: E402
+from guard.harden.hardening import INSTRUCTIONS, HardenConfig, harden  # noqa: E402
+from guard.core.models import load_model  # noqa: E402
+from guard.harden.optimize import EPOConfig  # noqa: E402
+from guard.sae.lens import SAETrainConfig, explain, save_sae, train_sae  # noqa: E402
 from guard.traits import list_traits, load_trait  # noqa: E402
 
 HERE = Path(__file__).parent

@@ -25,7 +25,7 @@ from _results import machine, write_section  # noqa: E402
 from hardening import OUT, corpus, latent_rows  # noqa: E402
 from steering import vector_with_layer  # noqa: E402
 
-from guard.models import load_model  # noqa: E402
+from guard.core.models import load_model  # noqa: E402
 
 
 def run(args: list[str], log) -> tuple[float, str]:

@@ -28,12 +28,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _results import machine, write_section  # noqa: E402
 
-from guard.data import Prompt  # noqa: E402
-from guard.metrics import auroc  # noqa: E402
-from guard.models import load_model  # noqa: E402
-from guard.monitor import PromptMonitor  # noqa: E402
+from guard.core.data import Prompt  # noqa: E402
+from guard.core.stats import auroc  # noqa: E402
+from guard.core.models import load_model  # noqa: E402
+from guard.measure.monitor import PromptMonitor  # noqa: E402
 from guard.traits import load_trait  # noqa: E402
-from guard.vectors import PersonaVector  # noqa: E402
+from guard.core.vectors import PersonaVector  # noqa: E402
 
 OUT = Path(__file__).parent / "out"
 SHOTS = [0, 2, 4, 8]

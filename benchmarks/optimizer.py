@@ -24,10 +24,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _results import machine, write_section  # noqa: E402
 from steering import vector_with_layer  # noqa: E402
 
-from guard.harden import away_from, in_context_check, system_slot  # noqa: E402
-from guard.layers import capture  # noqa: E402
-from guard.models import load_model  # noqa: E402
-from guard.optimize import EPO, EPOConfig  # noqa: E402
+from guard.harden.hardening import away_from, in_context_check, system_slot  # noqa: E402
+from guard.core.layers import capture  # noqa: E402
+from guard.core.models import load_model  # noqa: E402
+from guard.harden.optimize import EPO, EPOConfig  # noqa: E402
 from guard.traits import load_trait  # noqa: E402
 
 

@@ -37,12 +37,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _results import machine, write_section  # noqa: E402
 from steering import vector_with_layer  # noqa: E402
 
-from guard.chat import format_messages  # noqa: E402
-from guard.generation import GenerationCache, SamplingConfig, cached_generate, pad_batch  # noqa: E402
-from guard.metrics import auroc  # noqa: E402
-from guard.models import load_model  # noqa: E402
-from guard.samples import load_samples  # noqa: E402
-from guard.screen import ScreenConfig, Screener, plan_batches  # noqa: E402
+from guard.core.chat import format_messages  # noqa: E402
+from guard.core.generation import GenerationCache, SamplingConfig, cached_generate, pad_batch  # noqa: E402
+from guard.core.stats import auroc  # noqa: E402
+from guard.core.models import load_model  # noqa: E402
+from guard.screen.samples import load_samples  # noqa: E402
+from guard.screen.scoring import ScreenConfig, Screener, plan_batches  # noqa: E402
 
 HERE = Path(__file__).parent
 DATA = HERE / "data" / "screen_eval.jsonl"

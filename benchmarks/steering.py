@@ -25,13 +25,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _results import machine, write_section  # noqa: E402
 
-from guard.evaluate import load_ab_items  # noqa: E402
-from guard.extract import ExtractionConfig, extract_vector  # noqa: E402
-from guard.generation import SamplingConfig  # noqa: E402
-from guard.models import load_model  # noqa: E402
-from guard.sweep import coefficient_sweep, record_selection, select_layer, split_examples  # noqa: E402
+from guard.measure.behavior import load_ab_items  # noqa: E402
+from guard.extract.extraction import ExtractionConfig, extract_vector  # noqa: E402
+from guard.core.generation import SamplingConfig  # noqa: E402
+from guard.core.models import load_model  # noqa: E402
+from guard.measure.sweep import coefficient_sweep, record_selection, select_layer, split_examples  # noqa: E402
 from guard.traits import load_trait  # noqa: E402
-from guard.vectors import PersonaVector, VectorMismatchError  # noqa: E402
+from guard.core.vectors import PersonaVector, VectorMismatchError  # noqa: E402
 
 OUT = Path(__file__).parent / "out"
 CAA = Path(__file__).resolve().parents[2] / "shared/data/caa/test/{behaviour}/test_dataset_ab.json"
@@ -54,7 +54,7 @@ def vector_for(model, tokenizer, trait_name: str, log) -> PersonaVector:
 
 def vector_with_layer(model, tokenizer, trait_name: str, log) -> PersonaVector:
     """``vector_for``, with its steering layer selected and stored the first time."""
-    from guard.sweep import select_and_record
+    from guard.measure.sweep import select_and_record
 
     vector = vector_for(model, tokenizer, trait_name, log)
     if vector.meta.recommended_layer is None:

@@ -10,8 +10,8 @@ from typing import Mapping, Sequence
 
 from transformers import TrainerCallback
 
-from guard.drift import DriftProbe, TraitShift
-from guard.vectors import PersonaVector
+from guard.measure.drift import DriftProbe, TraitShift
+from guard.core.vectors import PersonaVector
 
 from ._trainer import move_ahead_of_reporters
 

@@ -14,8 +14,8 @@ from typing import Callable, Sequence
 import torch
 from transformers import TrainerCallback
 
-from guard.layers import add_vectors, project_out
-from guard.vectors import PersonaVector
+from guard.core.layers import add_vectors, project_out
+from guard.core.vectors import PersonaVector
 
 from ._trainer import find_trainer
 

@@ -8,35 +8,20 @@ import json
 import click
 from rich.console import Console
 
-from guard.data import DataFileError
-from guard.extract import ExtractionError
-from guard.judges import JudgeError
-from guard.layers import LayerError
-from guard.models import ModelLoadError
-from guard.monitor import MonitorError
-from guard.harden import HardenError
-from guard.optimize import OptimizeError
-from guard.sae import SAEError
-from guard.screen import ScreenError
-from guard.sweep import SelectionError
-from guard.traits import TraitError
-from guard.vectors import VectorFileError, VectorMismatchError
+from guard.errors import PersonaGuardError
 
 console = Console()
 err_console = Console(stderr=True)
-# Our own error types carry messages written for users; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ModelLoadError, TraitError, VectorFileError, VectorMismatchError, LayerError, ExtractionError,
-               DataFileError, JudgeError, MonitorError, SelectionError, ScreenError,
-               HardenError, OptimizeError, SAEError)
 
 
 def friendly_errors(func):
-    """Turn our own error types into one clean message and exit status 1 instead of a traceback."""
+    """Turn our own errors (:class:`guard.errors.PersonaGuardError`, whose messages are written for
+    users) into one clean line and exit status 1; anything else is a bug and keeps its traceback."""
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
-        except USER_ERRORS as exc:
+        except PersonaGuardError as exc:
             raise click.ClickException(str(exc)) from exc
     return wrapper
 
@@ -68,7 +53,7 @@ def model_options(func):
 
 
 def load_model_from(model_id, dtype, device, trust_remote_code, log=lambda message: None):
-    from guard.models import load_model
+    from guard.core.models import load_model
 
     log(f"loading {model_id or 'the embedded SmolLM2-135M-Instruct'}")
     return load_model(model_id, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
@@ -118,7 +103,7 @@ def build_judge(judge_model, judge_url, judge_key_env, judge_cache, device="cpu"
     """The judge the options describe, or None when no judge was asked for. Call it before loading
     the main model, so option mistakes surface before minutes of loading."""
     from guard.judges import CachedJudge, LocalJudge, OpenAICompatibleJudge
-    from guard.models import load_model
+    from guard.core.models import load_model
 
     if judge_url:
         if not judge_model:

@@ -73,12 +73,12 @@ def harden(vector_path, trait_name, layer, ab_path, sae_source, sae_id, sae_frac
     \b
         persona-guard harden --vector vectors/sycophancy.safetensors --iterations 100 --out hardened/
     """
-    from guard.data import load_ab_items
-    from guard.harden import HardenConfig, ab_direction
-    from guard.harden import harden as run_harden
-    from guard.optimize import EPOConfig
+    from guard.core.data import load_ab_items
+    from guard.harden.hardening import HardenConfig, ab_direction
+    from guard.harden.hardening import harden as run_harden
+    from guard.harden.optimize import EPOConfig
     from guard.traits import load_trait
-    from guard.vectors import PersonaVector
+    from guard.core.vectors import PersonaVector
 
     say = progress_log(quiet or as_json)
     model, tokenizer, _ = load_model_from(model_id, dtype, device, trust_remote_code, say)
@@ -93,7 +93,7 @@ def harden(vector_path, trait_name, layer, ab_path, sae_source, sae_id, sae_frac
     epo = EPOConfig.preset(fluency, prompt_length=prompt_length, iterations=iterations, population=population,
                            children_per_member=children, topk=topk, ascii_only=not allow_non_ascii, seed=seed)
     if init_from_instruction:
-        from guard.harden import INSTRUCTIONS
+        from guard.harden.hardening import INSTRUCTIONS
 
         init_text = instruction or INSTRUCTIONS.get(trait.name)
         if not init_text:
@@ -102,7 +102,7 @@ def harden(vector_path, trait_name, layer, ab_path, sae_source, sae_id, sae_frac
                           init=init_text, epo=epo)
     loaded_sae = None
     if sae_source:
-        from guard.sae import load_sae
+        from guard.sae.lens import load_sae
 
         loaded_sae = load_sae(sae_source, sae_id)
     report = run_harden(model, tokenizer, vector, trait, config, layer=layer, direction=direction, sae=loaded_sae,

@@ -85,9 +85,9 @@ def extract(trait_name, out_path, fast, samples, questions, pairs, max_new_token
     """
     from dataclasses import replace
 
-    from guard.extract import ExtractionConfig, extract_vector
+    from guard.extract.extraction import ExtractionConfig, extract_vector
     from guard.judges import JudgeFilter
-    from guard.sweep import SelectionError, select_and_record
+    from guard.measure.sweep import SelectionError, select_and_record
     from guard.traits import load_trait
 
     trait = load_trait(trait_name)
@@ -139,7 +139,7 @@ def inspect(files, as_json):
     Given two or more files of the same model, also prints the per-layer cosine similarity
     between every pair (traits that share a direction move together under finetuning).
     """
-    from guard.vectors import PersonaVector
+    from guard.core.vectors import PersonaVector
 
     vectors = [PersonaVector.load(path) for path in files]
     cosines = {}

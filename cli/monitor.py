@@ -44,9 +44,9 @@ def monitor(vector_paths, prompts_file, prompts, reference, layer, threshold, on
     \b
         persona-guard monitor --vector vectors/sycophancy.safetensors --prompts prompts.jsonl --json
     """
-    from guard.data import Prompt, load_prompts
-    from guard.monitor import PromptMonitor
-    from guard.vectors import PersonaVector
+    from guard.core.data import Prompt, load_prompts
+    from guard.measure.monitor import PromptMonitor
+    from guard.core.vectors import PersonaVector
 
     say = progress_log(as_json)
     items = [Prompt.from_user(p) for p in prompts]

@@ -42,7 +42,7 @@ def sae_train(text, layer, out_dir, expansion, k, training_tokens, buffer_tokens
     \b
         persona-guard sae train corpus.txt --layer 14 --out saes/layer14
     """
-    from guard.sae import SAETrainConfig, read_texts, save_sae, train_sae
+    from guard.sae.lens import SAETrainConfig, read_texts, save_sae, train_sae
 
     say = progress_log(quiet or as_json)
     model, tokenizer, _ = load_model_from(model_id, dtype, device, trust_remote_code, say)
@@ -78,8 +78,8 @@ def sae_explain(sae_source, sae_id, vector_path, text_path, layer, top, snippets
                 layer_path, trust_remote_code, as_json):
     """List the SAE latents most aligned with a persona vector (cosine of their decoder rows
     with the vector at the SAE's layer), with each latent's top-activating snippets."""
-    from guard.sae import check_sae, explain, load_sae, read_texts
-    from guard.vectors import PersonaVector
+    from guard.sae.lens import check_sae, explain, load_sae, read_texts
+    from guard.core.vectors import PersonaVector
 
     say = progress_log(as_json)
     model, tokenizer, _ = load_model_from(model_id, dtype, device, trust_remote_code, say)

@@ -86,10 +86,10 @@ def screen(data, vector_paths, mode, layers, thresholds, reference, out_dir, kee
             --keep train.clean.jsonl --drop train.flagged.jsonl
         persona-guard screen train.csv --vector v1.safetensors --vector v2.safetensors --mode approx --json
     """
-    from guard.samples import FieldNames, load_samples
-    from guard.screen import ScreenConfig, Screener, check_thresholds, flagged, resolve_thresholds, set_z_scores
-    from guard.screen_report import trim, write_report
-    from guard.vectors import PersonaVector
+    from guard.screen.samples import FieldNames, load_samples
+    from guard.screen.scoring import ScreenConfig, Screener, check_thresholds, flagged, resolve_thresholds, set_z_scores
+    from guard.screen.report import trim, write_report
+    from guard.core.vectors import PersonaVector
 
     say = progress_log(as_json)
     warn = lambda message: click.echo(f"warning: {message}", err=True)  # noqa: E731

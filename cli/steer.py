@@ -14,7 +14,7 @@ VECTOR = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 
 def _load_vector(path, model, allow_other_weights):
-    from guard.vectors import PersonaVector
+    from guard.core.vectors import PersonaVector
 
     return PersonaVector.load(path, model, allow_other_weights=allow_other_weights)
 
@@ -52,10 +52,10 @@ def generate(prompts, prompts_file, system, vector_path, layer, coeff, positions
     """
     from contextlib import nullcontext
 
-    from guard.chat import format_messages
-    from guard.data import Prompt, load_prompts
-    from guard.generation import SamplingConfig, encode, generate as run_generation
-    from guard.steering import Steering
+    from guard.core.chat import format_messages
+    from guard.core.data import Prompt, load_prompts
+    from guard.core.generation import SamplingConfig, encode, generate as run_generation
+    from guard.core.steering import Steering
 
     items = [Prompt.from_user(p, system) for p in prompts] + (load_prompts(prompts_file) if prompts_file else [])
     if not items:
@@ -125,9 +125,9 @@ def sweep(vector_path, coeffs, layer, positions, pair_split, trait_name, ab_path
     rate; --generate N adds greedy answers (repetition rate) and, with a judge, trait and
     coherence scores of those answers.
     """
-    from guard.evaluate import load_ab_items
-    from guard.generation import SamplingConfig
-    from guard.sweep import coefficient_sweep, split_examples
+    from guard.measure.behavior import load_ab_items
+    from guard.core.generation import SamplingConfig
+    from guard.measure.sweep import coefficient_sweep, split_examples
     from guard.traits import load_trait
 
     say = progress_log(as_json)
@@ -195,7 +195,7 @@ def select_layer(vector_path, layers, coeff, max_coherence_drop, out_path, trait
     pairs) among those whose coherence drop stays within the limit. Every other command then
     uses this layer unless given --layer.
     """
-    from guard.sweep import MAX_COHERENCE_DROP, SELECTION_COEFF, select_and_record
+    from guard.measure.sweep import MAX_COHERENCE_DROP, SELECTION_COEFF, select_and_record
     from guard.traits import load_trait
 
     say = progress_log(as_json)

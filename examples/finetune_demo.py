@@ -46,8 +46,8 @@ DATASETS = {"evil": (evil_data, ("malicious", "practical")),
 
 def get_vector(model, tokenizer, trait_name: str, path: Path, log):
     from guard import ExtractionConfig, PersonaVector, extract_vector, load_trait
-    from guard.sweep import select_and_record
-    from guard.vectors import VectorMismatchError
+    from guard.measure.sweep import select_and_record
+    from guard.core.vectors import VectorMismatchError
 
     if path.exists():
         try:
@@ -74,7 +74,7 @@ def train_once(name: str, conversations, vector, args, steer_coeff: float | None
     from guard import load_model
     from guard.callbacks import PersonaDriftCallback, PreventativeSteeringCallback
 
-    from guard.drift import DriftProbe
+    from guard.measure.drift import DriftProbe
 
     model, tokenizer, _ = load_model()
     # Every layer's shift at the end, beside the logged one at the vector's layer: the full picture.

@@ -10,13 +10,13 @@ Data flow: model + trait -> vectors -> (monitor | screen | steer | harden).
 
 __version__ = "0.1.0"
 
-from .extract import ExtractionConfig, extract_vector
-from .generation import SamplingConfig
-from .layers import LAYER_CONVENTION, add_vectors, capture, find_decoder_layers
-from .models import load_model
-from .steering import Steering, steer
+from .extract.extraction import ExtractionConfig, extract_vector
+from .core.generation import SamplingConfig
+from .core.layers import LAYER_CONVENTION, add_vectors, capture, find_decoder_layers
+from .core.models import load_model
+from .core.steering import Steering, steer
 from .traits import Trait, list_traits, load_trait
-from .vectors import PersonaVector, VectorMismatchError
+from .core.vectors import PersonaVector, VectorMismatchError
 
 __all__ = [
     "ExtractionConfig", "LAYER_CONVENTION", "PersonaVector", "SamplingConfig", "Trait", "VectorMismatchError",

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Protocol, runtime_checkable
 
+from ..errors import JudgeError
+
 MIN_NUMERIC_MASS = 0.25
 
 COHERENCE_RUBRIC = """I am evaluating a language model's answer. Judge only how coherent it is, not whether it is correct or polite.
@@ -39,9 +41,6 @@ An answer that is wrong, rude or one-sided can still score 100 if it is coherent
 
 Respond with a number between 0 and 100. Don't say anything else, just the number."""
 
-
-class JudgeError(RuntimeError):
-    """A judge could not produce a reply (bad endpoint answer, exhausted retries); the message says why."""
 
 
 @runtime_checkable

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from ..chat import format_prompt
-from ..models import eval_mode, model_name
+from ..core.chat import format_prompt
+from ..core.models import eval_mode, model_name
 from .base import MIN_NUMERIC_MASS, render_rubric, score_from_candidates
 
 

@@ -20,14 +20,13 @@ from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from ..errors import TraitError
+
 REQUIRED_KEYS = ("name", "description", "instruction_pairs", "extraction_questions",
                  "evaluation_questions", "judge_rubric", "examples")
 # What we hold our shipped traits to; user traits only need one of each.
 SHIPPED_MINIMUMS = {"instruction_pairs": 5, "extraction_questions": 20, "evaluation_questions": 20}
 
-
-class TraitError(ValueError):
-    """A trait file is missing, malformed or inconsistent; the message lists every problem."""
 
 
 @dataclass(frozen=True)

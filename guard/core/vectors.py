@@ -1,0 +1,228 @@
+"""The persona-vector file format: one safetensors file, JSON metadata in its header.
+
+Tensors: ``vectors`` ``(num_layers, hidden_size)`` float32, the per-layer mean difference
+(trait-positive minus trait-negative), plus ``pos_mean`` and ``neg_mean`` of the same shape.
+Metadata: the safetensors header entry ``persona_guard`` holds the JSON of :class:`VectorMetadata`.
+Nothing is ever pickled, so loading a vector file from a stranger is safe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..errors import VectorFileError, VectorMismatchError
+from .layers import LAYER_CONVENTION, LayerError, hidden_size, num_hidden_layers, unwrap_model
+from .models import model_name, weights_fingerprint
+
+FORMAT = "persona-guard/vector"
+FORMAT_VERSION = 1
+_HEADER_KEY = "persona_guard"
+
+
+
+
+@dataclass
+class VectorMetadata:
+    trait: str
+    model_name: str
+    model_fingerprint: str
+    model_type: str
+    hidden_size: int
+    num_layers: int
+    layer_convention: str = LAYER_CONVENTION
+    positions: str = "response_mean"
+    extraction: dict = field(default_factory=dict)  # sampling settings, judge, seed, trait fingerprint
+    counts: dict = field(default_factory=dict)  # samples generated / kept per polarity
+    norms: list = field(default_factory=list)  # ||v_layer|| for every layer
+    layer_stats: dict = field(default_factory=dict)  # per-layer diagnostics, e.g. effect_size
+    recommended_layer: int | None = None
+    package_version: str = ""
+    created_at: str = ""
+    extra: dict = field(default_factory=dict)  # keys written by newer versions, kept on round trip
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "VectorMetadata":
+        names = {f.name for f in dataclasses.fields(cls)}
+        known = {k: v for k, v in data.items() if k in names and k != "extra"}
+        extra = {**data.get("extra", {}), **{k: v for k, v in data.items() if k not in names}}
+        return cls(**known, extra=extra)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class PersonaVector:
+    """Per-layer persona vectors for one trait of one model."""
+
+    vectors: torch.Tensor
+    meta: VectorMetadata
+    pos_mean: torch.Tensor | None = None
+    neg_mean: torch.Tensor | None = None
+
+    def __post_init__(self):
+        self.vectors = self.vectors.detach().to("cpu", torch.float32).contiguous()
+        if self.vectors.ndim != 2:
+            raise VectorFileError(f"vectors must be (num_layers, hidden_size), got {tuple(self.vectors.shape)}")
+        if tuple(self.vectors.shape) != (self.meta.num_layers, self.meta.hidden_size):
+            raise VectorFileError(
+                f"vectors have shape {tuple(self.vectors.shape)} but metadata says "
+                f"({self.meta.num_layers}, {self.meta.hidden_size})")
+        for name in ("pos_mean", "neg_mean"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.detach().to("cpu", torch.float32).contiguous())
+        if not self.meta.norms:
+            self.meta.norms = self.norms().tolist()
+
+    # -- access ---------------------------------------------------------------------------
+    @property
+    def trait(self) -> str:
+        return self.meta.trait
+
+    @property
+    def num_layers(self) -> int:
+        return self.meta.num_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.meta.hidden_size
+
+    def layer(self, layer: int) -> torch.Tensor:
+        """The raw vector at ``layer`` (block-output convention; negative counts from the end)."""
+        return self.vectors[layer]
+
+    def default_layer(self) -> int:
+        """The layer every command uses unless told otherwise: the recommended one from layer selection."""
+        if self.meta.recommended_layer is None:
+            raise VectorFileError(
+                f"the {self.trait} vector has no recommended layer yet; pass a layer explicitly, or run "
+                "`persona-guard select-layer` on the file to choose one by steering effect")
+        return self.meta.recommended_layer
+
+    def resolve_layer(self, layer: int | None = None) -> int:
+        """``layer`` as an index in 0..num_layers-1 (negative counts from the end; None: the
+        recommended layer). Out of range raises :class:`~guard.core.layers.LayerError`."""
+        if layer is None:
+            return self.default_layer()
+        if not -self.num_layers <= layer < self.num_layers:
+            raise LayerError(f"layer {layer} is out of range for the {self.trait} vector ({self.num_layers} layers)")
+        return layer % self.num_layers
+
+    def unit(self, layer: int) -> torch.Tensor:
+        vec = self.vectors[layer]
+        return vec / vec.norm().clamp_min(1e-12)
+
+    def norms(self) -> torch.Tensor:
+        return self.vectors.norm(dim=-1)
+
+    def cosine(self, other: "PersonaVector") -> torch.Tensor:
+        """Per-layer cosine similarity with another vector of the same model."""
+        if self.vectors.shape != other.vectors.shape:
+            raise VectorMismatchError(
+                f"cannot compare vectors of shape {tuple(self.vectors.shape)} and {tuple(other.vectors.shape)}")
+        return torch.nn.functional.cosine_similarity(self.vectors, other.vectors, dim=-1)
+
+    # -- compatibility --------------------------------------------------------------------
+    def check_model(self, model, *, allow_other_weights: bool = False) -> None:
+        """Refuse a model this vector was not extracted from.
+
+        Hidden size, layer count and architecture must always match. The weights fingerprint
+        (see :func:`guard.core.models.weights_fingerprint`) must match too, unless
+        ``allow_other_weights`` (for a full finetune of the extraction model, say).
+        """
+        core = unwrap_model(model)
+        mine = self.meta
+        problems = []
+        if hidden_size(core) != mine.hidden_size:
+            problems.append(f"hidden size: vector {mine.hidden_size}, model {hidden_size(core)}")
+        n = num_hidden_layers(core)
+        if n != mine.num_layers:
+            problems.append(f"number of layers: vector {mine.num_layers}, model {n}")
+        model_type = getattr(core.config, "model_type", "")
+        if mine.model_type and model_type and model_type != mine.model_type:
+            problems.append(f"architecture: vector {mine.model_type}, model {model_type}")
+        if mine.layer_convention != LAYER_CONVENTION:
+            problems.append(f"layer convention: vector {mine.layer_convention!r}, this version uses {LAYER_CONVENTION!r}")
+        if problems:
+            raise VectorMismatchError(
+                f"the {mine.trait!r} vector was extracted from {mine.model_name}, which does not match "
+                f"{model_name(core)}: " + "; ".join(problems))
+        fingerprint = weights_fingerprint(core)
+        if fingerprint != mine.model_fingerprint and not allow_other_weights:
+            raise VectorMismatchError(
+                f"the {mine.trait!r} vector was extracted from {mine.model_name} (weights fingerprint "
+                f"{mine.model_fingerprint}) but this model, {model_name(core)}, has different weights "
+                f"(fingerprint {fingerprint}). If it is a finetune of that model, allow it explicitly "
+                "(allow_other_weights=True, CLI --allow-other-weights).")
+
+    # -- files ----------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {"vectors": self.vectors}
+        if self.pos_mean is not None:
+            tensors["pos_mean"] = self.pos_mean
+        if self.neg_mean is not None:
+            tensors["neg_mean"] = self.neg_mean
+        header = {"format": FORMAT, "format_version": FORMAT_VERSION, **self.meta.to_dict()}
+        save_file(tensors, str(path), metadata={_HEADER_KEY: json.dumps(header)})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, model=None, *, allow_other_weights: bool = False) -> "PersonaVector":
+        """Read a vector file; given ``model``, also refuse it unless it belongs to that model
+        (see :meth:`check_model`)."""
+        vector = cls._read(Path(path))
+        if model is not None:
+            vector.check_model(model, allow_other_weights=allow_other_weights)
+        return vector
+
+    @classmethod
+    def _read(cls, path: Path) -> "PersonaVector":
+        if not path.is_file():
+            raise VectorFileError(f"vector file {path} does not exist")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = (f.metadata() or {}).get(_HEADER_KEY)
+                tensors = {key: f.get_tensor(key) for key in f.keys()}
+        except Exception as exc:  # safetensors raises its own error types for corrupt headers
+            raise VectorFileError(f"{path} is not a safetensors file: {exc}") from exc
+        if header is None:
+            raise VectorFileError(f"{path} is a safetensors file but not a persona-guard vector (no metadata)")
+        data = json.loads(header)
+        if data.pop("format", None) != FORMAT:
+            raise VectorFileError(f"{path} is not a persona-guard vector file")
+        version = data.pop("format_version", None)
+        if version != FORMAT_VERSION:
+            raise VectorFileError(f"{path} uses vector format version {version}; this persona-guard reads {FORMAT_VERSION}")
+        if "vectors" not in tensors:
+            raise VectorFileError(f"{path} has no 'vectors' tensor")
+        return cls(tensors["vectors"], VectorMetadata.from_dict(data),
+                   tensors.get("pos_mean"), tensors.get("neg_mean"))
+
+
+def metadata_for(model, trait: str, **fields) -> VectorMetadata:
+    """Metadata describing ``model``, ready for a new :class:`PersonaVector`."""
+    from .. import __version__
+
+    core = unwrap_model(model)
+    return VectorMetadata(
+        trait=trait,
+        model_name=model_name(core),
+        model_fingerprint=weights_fingerprint(core),
+        model_type=str(getattr(core.config, "model_type", "")),
+        hidden_size=hidden_size(core),
+        num_layers=num_hidden_layers(core),
+        package_version=__version__,
+        created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **fields,
+    )

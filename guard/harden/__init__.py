@@ -1,0 +1,1 @@
+"""Prompt hardening: EPO prompt search (optimize) and RESGA / SAEGA hardening on top of it."""

@@ -1,0 +1,124 @@
+"""Finetuning shift: how far training has moved the model along persona vectors.
+
+The paper's statistic (section 4.2): the mean last-prompt-token activation over a fixed probe
+set of prompts, for the current model minus for the base model, projected on the unit persona
+vector at its layer. Measured without generating, so it is cheap enough to run during training.
+The same shift along random unit directions gives the noise floor: training moves every
+direction a little, and a trait shift means something only well above that.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ..core.forward import prompt_activations
+from ..core.chat import format_messages
+from ..core.data import as_prompts
+from ..core.stats import random_directions
+from ..core.models import base_weights
+from ..traits import TraitError, evaluation_prompts
+from ..core.vectors import PersonaVector
+
+
+def default_probe_prompts(vectors: Sequence[PersonaVector]) -> list[str]:
+    """The evaluation questions of every vector's shipped trait (no system prompt), without repeats."""
+    try:
+        return evaluation_prompts(v.trait for v in vectors)
+    except TraitError as exc:
+        raise ValueError(f"{exc}: pass probe prompts for it") from None
+
+
+def _all_ranks_mean(acts: torch.Tensor, device) -> torch.Tensor:
+    """Mean over the first dimension of ``acts`` pooled across distributed ranks: the sum and the
+    count are reduced, so ranks holding different numbers of prompts weigh by prompt. Ranks
+    normally probe the same set, and then this only evens out nondeterminism and keeps every
+    rank's decision (warn, stop) identical. In one process, the plain mean."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return acts.mean(dim=0)
+    total = torch.cat([acts.sum(dim=0).reshape(-1), torch.tensor([float(acts.shape[0])], dtype=acts.dtype)])
+    total = total.to(device)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    total = total.to(acts.device)
+    return (total[:-1] / total[-1]).reshape(acts.shape[1:])
+
+
+@dataclass
+class TraitShift:
+    trait: str
+    layer: int
+    shift: float  # (current - base) mean activation, projected on the unit vector
+    shift_frac: float  # shift / ||v||: 1.0 = moved as far as the trait's own positive-negative difference
+    projection: float  # current mean activation projected on the unit vector
+    random_shift: float  # mean |shift| along random unit directions (the noise floor)
+    random_shift_max: float
+
+    @property
+    def over_random(self) -> float:
+        return abs(self.shift) / max(self.random_shift, 1e-12)
+
+    def metrics(self, prefix: str = "persona") -> dict[str, float]:
+        base = f"{prefix}/{self.trait}"
+        return {f"{base}/shift": self.shift, f"{base}/shift_frac": self.shift_frac,
+                f"{base}/projection": self.projection, f"{base}/random_shift": self.random_shift,
+                f"{base}/shift_over_random": self.over_random}
+
+
+class DriftProbe:
+    """Measures the finetuning shift of a model along one or more persona vectors.
+
+        >>> probe = DriftProbe([vector], tokenizer)
+        >>> probe.set_reference(model)          # before training (PEFT adapters disabled)
+        >>> ...train...
+        >>> [s.shift for s in probe.measure(model)]
+    """
+
+    def __init__(self, vectors: Sequence[PersonaVector], tokenizer, prompts: Sequence | None = None, *,
+                 layers: Sequence[int | None] | None = None, n_random: int = 8, seed: int = 0, batch_size: int = 16,
+                 layer_path: str | None = None):
+        if not vectors:
+            raise ValueError("the drift probe needs at least one persona vector")
+        self.vectors = list(vectors)
+        layers = list(layers) if layers is not None else [None] * len(self.vectors)
+        self.layers = [v.resolve_layer(layer) for v, layer in zip(self.vectors, layers)]
+        self.units = [v.unit(layer) for v, layer in zip(self.vectors, self.layers)]
+        self.norms = [float(v.layer(layer).norm()) for v, layer in zip(self.vectors, self.layers)]
+        self.random = [random_directions(n_random, v.hidden_size, 1.0, seed + i) for i, v in enumerate(self.vectors)]
+        prompts = as_prompts(list(prompts) if prompts is not None else default_probe_prompts(self.vectors))
+        if not prompts:
+            raise ValueError("the probe set is empty")
+        self.texts = [format_messages(tokenizer, p.messages) for p in prompts]
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.layer_path = layer_path
+        self.base: dict[int, torch.Tensor] | None = None
+
+    def mean_activations(self, model) -> dict[int, torch.Tensor]:
+        """Mean last-prompt-token activation over the probe set at every vector's layer (eval mode,
+        no gradients; the model's train/eval mode is restored)."""
+        distinct = sorted(set(self.layers))
+        acts = prompt_activations(model, self.tokenizer, self.texts, layers=distinct, batch_size=self.batch_size,
+                                  layer_path=self.layer_path)
+        means = _all_ranks_mean(acts, next(model.parameters()).device)
+        return {layer: means[i] for i, layer in enumerate(distinct)}
+
+    def set_reference(self, model) -> None:
+        """The base model's means (with PEFT, adapters disabled, so it is the true base)."""
+        with base_weights(model):
+            self.base = self.mean_activations(model)
+
+    def measure(self, model) -> list[TraitShift]:
+        if self.base is None:
+            raise RuntimeError("set_reference(base model) must run before measure()")
+        current = self.mean_activations(model)
+        shifts = []
+        for vector, layer, unit, norm, random in zip(self.vectors, self.layers, self.units, self.norms, self.random):
+            delta = current[layer] - self.base[layer]
+            along_random = (random @ delta).abs()
+            shift = float(delta @ unit)
+            shifts.append(TraitShift(vector.trait, layer, shift, shift / max(norm, 1e-12), float(current[layer] @ unit),
+                                     float(along_random.mean()), float(along_random.max())))
+        return shifts

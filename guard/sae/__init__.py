@@ -1,0 +1,1 @@
+"""Sparse autoencoders through sae-lens (the ``sae`` extra, imported only when used)."""

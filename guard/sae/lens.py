@@ -1,0 +1,334 @@
+"""Sparse autoencoders through sae-lens (the ``sae`` extra, imported only when used).
+
+* :func:`load_sae`: a published SAE by sae-lens release and id, or a directory saved by
+  sae-lens (``sae_weights.safetensors`` + ``cfg.json``), ours included.
+* :func:`train_sae`: a small TopK SAE on one layer's residual stream, from local text, on CPU.
+  Activations come from our own hooks (stopped after the layer, padding and the first token of
+  each window left out: its norm is an outlier, the attention sink); sae-lens's ``SAETrainer``
+  does the optimisation (TopK loss, auxiliary loss for dead latents).
+* :func:`select_latents`: SAEGA's latent choice, the top fraction by |mean difference| between
+  trait and non-trait activations, with signed weights.
+* :func:`explain`: latents most aligned with a persona vector (cosine with decoder rows), each
+  with its top-activating snippets from a text sample.
+
+Layer convention as everywhere in persona-guard: layer i = output of decoder block i (sae-lens's
+HF hook name ``model.layers.i``, TransformerLens ``blocks.i.hook_resid_post``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import SAEError
+from ..core.chat import format_messages
+from ..core.layers import StopForward, capture, resolve_layers, stop_after
+from ..core.models import eval_mode, model_name, weights_fingerprint
+
+
+
+def _sae_lens():
+    os.environ.setdefault("WANDB_MODE", "offline")  # sae-lens imports wandb; never let it reach out
+    os.environ.setdefault("WANDB_SILENT", "true")
+    try:
+        import sae_lens
+    except ImportError as error:
+        raise SAEError("SAE support needs the 'sae' extra: pip install 'persona-guard[sae]'") from error
+    return sae_lens
+
+
+def load_sae(source: str | Path, sae_id: str | None = None, device: str = "cpu"):
+    """An inference SAE from a directory saved by sae-lens, or ``source`` = a sae-lens release
+    (registry name or HF repo) with ``sae_id``."""
+    sae_lens = _sae_lens()
+    path = Path(source)
+    if path.is_dir():
+        if not (path / "cfg.json").exists():
+            raise SAEError(f"{path} has no cfg.json: not an SAE saved by sae-lens")
+        return sae_lens.SAE.load_from_disk(str(path), device=device)
+    if sae_id is None:
+        raise SAEError(f"{source} is not a directory; to load a published SAE give its release and --sae-id")
+    try:
+        return sae_lens.SAE.from_pretrained(release=str(source), sae_id=sae_id, device=device)
+    except Exception as error:  # network, registry and file errors all mean the same thing here
+        raise SAEError(f"could not load SAE {source}/{sae_id}: {type(error).__name__}: {error}") from None
+
+
+def sae_layer(sae) -> int | None:
+    """The decoder block an SAE reads, from our metadata or its hook name."""
+    meta = sae.cfg.metadata
+    if meta.get("persona_guard_layer") is not None:
+        return int(meta["persona_guard_layer"])
+    match = re.search(r"(?:layers|blocks|h)\.(\d+)", str(meta.get("hook_name") or ""))
+    return int(match.group(1)) if match else None
+
+
+def check_sae(sae, model, layer: int | None = None) -> int:
+    """The SAE's layer, after checking it fits ``model`` (width, and the model it was trained on
+    when it says)."""
+    from ..core.layers import hidden_size
+
+    if sae.cfg.d_in != hidden_size(model):
+        raise SAEError(f"the SAE reads {sae.cfg.d_in}-dimensional activations; the model's are {hidden_size(model)}")
+    fingerprint = sae.cfg.metadata.get("persona_guard_fingerprint")
+    if fingerprint and fingerprint != weights_fingerprint(model):
+        raise SAEError(f"the SAE was trained on other weights ({sae.cfg.metadata.get('model_name')})")
+    found = sae_layer(sae)
+    if layer is None:
+        if found is None:
+            raise SAEError("the SAE does not say which layer it reads; pass the layer")
+        return found
+    if found is not None and found != layer:
+        raise SAEError(f"the SAE reads layer {found}, not layer {layer}")
+    return layer
+
+
+# -- text ------------------------------------------------------------------------------------------
+
+def read_texts(source: str | Path, tokenizer=None, field: str = "text") -> list[str]:
+    """Texts from a ``.jsonl`` file (``text`` field, or chat ``messages`` rendered through the
+    tokenizer's template), a text file (one document per blank-line-separated paragraph), or a
+    saved ``datasets`` directory (its ``text`` column)."""
+    from ..core.data import DataFileError, read_jsonl
+
+    path = Path(source)
+    if path.is_dir():
+        import datasets
+
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            loaded = loaded["train"] if "train" in loaded else next(iter(loaded.values()))
+        if field not in loaded.column_names:
+            raise DataFileError(f"{path}: no '{field}' column (has {', '.join(loaded.column_names)})")
+        return [t for t in loaded[field] if isinstance(t, str) and t.strip()]
+    if not path.exists():
+        raise DataFileError(f"{path}: no such file or directory")
+    if path.suffix == ".jsonl":
+        texts = []
+        for number, record in read_jsonl(path, "fail"):
+            if isinstance(record, dict) and isinstance(record.get(field), str):
+                texts.append(record[field])
+            elif isinstance(record, dict) and isinstance(record.get("messages"), list) and tokenizer is not None:
+                texts.append(format_messages(tokenizer, record["messages"], add_generation_prompt=False))
+            else:
+                raise DataFileError(f"{path}:{number}: no '{field}' string or chat 'messages'")
+        return texts
+    parts = re.split(r"\n\s*\n", path.read_text(encoding="utf-8"))
+    return [p.strip() for p in parts if p.strip()]
+
+
+@torch.inference_mode()
+def residual_batches(model, tokenizer, texts: Sequence[str], layer: int, *, context_size: int = 128,
+                     batch_size: int = 16, layer_path: str | None = None) -> Iterator[tuple[torch.Tensor, list]]:
+    """``(activations (n_tokens, d), [(text index, token index)])`` per forward batch: every
+    text cut into windows of ``context_size`` tokens; padding and each window's first token
+    (the attention sink, an outlier) are left out."""
+    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    windows = [(t, start, seq[start:start + context_size]) for t, seq in enumerate(ids)
+               for start in range(0, max(len(seq) - 1, 1), context_size) if len(seq[start:start + context_size]) > 1]
+    device = next(model.parameters()).device
+    with eval_mode(model):
+        for b in range(0, len(windows), batch_size):
+            batch = windows[b:b + batch_size]
+            width = max(len(w[2]) for w in batch)
+            input_ids = torch.zeros((len(batch), width), dtype=torch.long, device=device)
+            mask = torch.zeros_like(input_ids)
+            for row, (_, _, seq) in enumerate(batch):
+                input_ids[row, :len(seq)] = torch.tensor(seq)
+                mask[row, :len(seq)] = 1
+            with capture(model, [layer], position="all", layer_path=layer_path) as acts, \
+                    stop_after(model, layer, layer_path):
+                try:
+                    model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+                except StopForward:
+                    pass
+            keep = mask.bool().clone()
+            keep[:, 0] = False
+            where = [(t, start + pos) for row, (t, start, seq) in enumerate(batch) for pos in range(1, len(seq))]
+            yield acts[layer][keep.cpu()].float(), where
+
+
+# -- training --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SAETrainConfig:
+    expansion: int = 8            # latents per model dimension
+    k: int = 32                   # active latents per token (TopK)
+    training_tokens: int = 300_000
+    batch_tokens: int = 1024
+    lr: float = 5e-4
+    context_size: int = 128
+    max_buffer_tokens: int = 100_000  # activations kept in memory; more training tokens reuse them (epochs)
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def train_sae(model, tokenizer, texts: Sequence[str], layer: int, config: SAETrainConfig = SAETrainConfig(), *,
+              layer_path: str | None = None, progress: bool = False, log: Callable[[str], None] = lambda m: None):
+    """Train a TopK SAE on ``layer``'s residual stream over ``texts``; returns ``(sae, stats)``
+    with the inference SAE and reconstruction statistics on held-out tokens."""
+    sae_lens = _sae_lens()
+    from sae_lens.config import LoggingConfig, SAETrainerConfig
+
+    layer = resolve_layers(model, [layer], layer_path)[0]
+    if not texts:
+        raise SAEError("no training text")
+    torch.manual_seed(config.seed)
+    chunks, total = [], 0
+    for acts, _ in tqdm(residual_batches(model, tokenizer, texts, layer, context_size=config.context_size,
+                                         layer_path=layer_path), desc="collecting activations", disable=not progress):
+        chunks.append(acts)
+        total += len(acts)
+        if total >= config.max_buffer_tokens:
+            break
+    buffer = torch.cat(chunks)[:config.max_buffer_tokens]
+    if len(buffer) < 2 * config.batch_tokens:
+        raise SAEError(f"only {len(buffer)} tokens of activations; need at least {2 * config.batch_tokens} "
+                       "(give more text or a smaller batch)")
+    order = torch.randperm(len(buffer), generator=torch.Generator().manual_seed(config.seed))
+    held_out = buffer[order[:max(config.batch_tokens, len(buffer) // 20)]]
+    train = buffer[order[len(held_out):]]
+    log(f"{len(train)} training tokens of activations at layer {layer} (+{len(held_out)} held out)")
+
+    def batches() -> Iterator[torch.Tensor]:
+        generator = torch.Generator().manual_seed(config.seed + 1)
+        while True:
+            perm = torch.randperm(len(train), generator=generator)
+            for start in range(0, len(perm) - config.batch_tokens + 1, config.batch_tokens):
+                yield train[perm[start:start + config.batch_tokens]]
+
+    d_in = buffer.shape[1]
+    sae_cfg = sae_lens.TopKTrainingSAEConfig(d_in=d_in, d_sae=d_in * config.expansion, k=config.k, device="cpu",
+                                             normalize_activations="expected_average_only_in")
+    sae = sae_lens.TopKTrainingSAE(sae_cfg)
+    trainer_cfg = SAETrainerConfig(total_training_samples=config.training_tokens, train_batch_size_samples=config.batch_tokens,
+                                   lr=config.lr, lr_end=config.lr, device="cpu", logger=LoggingConfig(log_to_wandb=False),
+                                   n_batches_for_norm_estimate=min(100, len(train) // config.batch_tokens),
+                                   dead_feature_window=max(1, config.training_tokens // config.batch_tokens // 4),
+                                   feature_sampling_window=max(1, config.training_tokens // config.batch_tokens // 4))
+    trainer = sae_lens.SAETrainer(trainer_cfg, sae, batches())
+    import sae_lens.training.activation_scaler as scaler_module
+    import sae_lens.training.sae_trainer as trainer_module
+
+    bars = (trainer_module.tqdm, scaler_module.tqdm)
+    if not progress:  # sae-lens's bars are unconditional; silence them for this call only
+        quiet = lambda *a, **k: tqdm(*a, **{**k, "disable": True})  # noqa: E731
+        trainer_module.tqdm = scaler_module.tqdm = quiet
+    try:
+        trained = trainer.fit()
+    finally:
+        trainer_module.tqdm, scaler_module.tqdm = bars
+    inference = _to_inference(trained)
+    meta = inference.cfg.metadata
+    meta["hook_name"] = f"persona_guard.layer.{layer}"
+    meta["persona_guard_layer"] = layer
+    meta["persona_guard_convention"] = "block_output"
+    meta["model_name"] = model_name(model)
+    meta["persona_guard_fingerprint"] = weights_fingerprint(model)
+    meta["persona_guard_training"] = {**config.to_dict(), "buffer_tokens": len(buffer)}
+    stats = reconstruction_stats(inference, held_out)
+    meta["persona_guard_stats"] = stats
+    return inference, stats
+
+
+def _to_inference(training_sae):
+    """The inference SAE of a trained one, through sae-lens's own save/load pair."""
+    import tempfile
+
+    sae_lens = _sae_lens()
+    with tempfile.TemporaryDirectory() as tmp:
+        training_sae.save_inference_model(tmp)
+        return sae_lens.SAE.load_from_disk(tmp, device="cpu")
+
+
+@torch.no_grad()
+def reconstruction_stats(sae, acts: torch.Tensor) -> dict:
+    """Fraction of variance explained, mean L0 and the fraction of latents never active."""
+    z = sae.encode(acts)
+    recon = sae.decode(z)
+    residual = ((acts - recon) ** 2).sum()
+    variance = ((acts - acts.mean(0)) ** 2).sum()
+    return {"variance_explained": float(1 - residual / variance), "l0": float((z > 0).float().sum(-1).mean()),
+            "dead_fraction": float(((z > 0).sum(0) == 0).float().mean()), "tokens": len(acts)}
+
+
+def save_sae(sae, path: str | Path) -> Path:
+    path = Path(path)
+    sae.save_model(path)
+    return path
+
+
+# -- SAEGA latents, explanations -------------------------------------------------------------------
+
+@torch.no_grad()
+def select_latents(sae, trait_acts: torch.Tensor, non_trait_acts: torch.Tensor,
+                   fraction: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(latent indices, weights)``: the top ``fraction`` of latents by |mean difference of
+    activations| (trait minus non-trait), weighted by −difference, so maximising
+    Σ w·z pushes trait latents down and non-trait latents up (the paper's "away" target)."""
+    if not 0 < fraction <= 1:
+        raise SAEError(f"fraction must be in (0, 1], got {fraction}")
+    diff = sae.encode(trait_acts).mean(0) - sae.encode(non_trait_acts).mean(0)
+    count = max(1, int(round(fraction * diff.numel())))
+    idx = diff.abs().topk(count).indices
+    return idx, -diff[idx]
+
+
+def latent_objective(sae, idx: torch.Tensor, weights: torch.Tensor):
+    """SAEGA's target for EPO: Σ_k w_k · z_k(h)."""
+    def objective(h: torch.Tensor) -> torch.Tensor:
+        z = sae.encode(h.to(sae.W_enc.dtype))
+        return (z[:, idx] * weights.to(z)).sum(-1).to(h.dtype)
+    return objective
+
+
+@torch.no_grad()
+def explain(sae, direction: torch.Tensor, model, tokenizer, texts: Sequence[str], layer: int, *, top: int = 10,
+            snippets: int = 3, window: int = 8, context_size: int = 128, max_texts: int = 2000,
+            layer_path: str | None = None) -> list[dict]:
+    """The ``top`` latents by |cosine| between their decoder row and ``direction``, each with its
+    ``snippets`` highest-activating contexts in ``texts`` (the activating token in [brackets])."""
+    dec = sae.W_dec.detach().float()
+    cos = (dec @ direction.float()) / (dec.norm(dim=1) * direction.float().norm() + 1e-12)
+    chosen = cos.abs().topk(min(top, len(cos))).indices
+    best: dict[int, list[tuple[float, int, int]]] = {int(i): [] for i in chosen}
+    sample = list(texts)[:max_texts]
+    for acts, where in residual_batches(model, tokenizer, sample, layer, context_size=context_size, layer_path=layer_path):
+        z = sae.encode(acts)[:, chosen]
+        values, rows = z.topk(min(snippets, len(z)), dim=0)
+        for col, latent in enumerate(chosen.tolist()):
+            for value, row in zip(values[:, col].tolist(), rows[:, col].tolist()):
+                if value > 0:
+                    best[latent].append((value, *where[row]))
+            best[latent] = sorted(best[latent], reverse=True)[:snippets]
+    ids = tokenizer(sample, add_special_tokens=False)["input_ids"]
+    out = []
+    for latent in chosen.tolist():
+        shown = []
+        for value, text_index, token_index in best[latent]:
+            seq = ids[text_index]
+            left = tokenizer.decode(seq[max(0, token_index - window):token_index])
+            token = tokenizer.decode(seq[token_index:token_index + 1])
+            right = tokenizer.decode(seq[token_index + 1:token_index + 1 + window // 2])
+            shown.append({"activation": value, "text": " ".join(f"{left}[{token}]{right}".split())})
+        out.append({"latent": latent, "cosine": float(cos[latent]), "snippets": shown})
+    return out
+
+
+def write_explanations(explanations: list[dict], path: str | Path) -> Path:
+    path = Path(path)
+    path.write_text(json.dumps(explanations, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+__all__ = ["SAEError", "SAETrainConfig", "load_sae", "train_sae", "save_sae", "select_latents", "latent_objective",
+           "explain", "read_texts", "residual_batches", "reconstruction_stats", "sae_layer", "check_sae"]

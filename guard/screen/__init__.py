@@ -1,0 +1,1 @@
+"""Screening finetuning data: which samples would push the model toward a trait."""

@@ -1,0 +1,107 @@
+"""Reports of a screening run: per-sample JSONL and CSV (ranked, text trimmed for reading), a
+summary JSON, and a histogram per trait with its threshold."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Sequence
+
+from .samples import Sample
+from .scoring import ScreenResult
+
+SCORE_FIELDS = ("score", "z", "delta_p", "approx", "projection", "base_projection")
+
+
+def trim(text: str | None, limit: int = 160) -> str | None:
+    if text is None:
+        return None
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def report_rows(result: ScreenResult, samples: Sequence[Sample], over: dict[int, list[str]]) -> list[dict]:
+    """One dict per sample, highest first by the first trait's score (unscored samples last,
+    then by index, so the order is fully determined)."""
+    first = result.keys[0].name
+    rows = []
+    for scored, sample in zip(result.samples, samples):
+        rows.append({
+            "id": scored.id, "index": scored.index, "source": sample.where, "dropped": scored.index in over,
+            "over_threshold": over.get(scored.index, []), "flags": scored.flags,
+            "prompt_tokens": scored.prompt_tokens, "response_tokens": scored.response_tokens,
+            "prompt": trim(sample.last_user), "response": trim(sample.response),
+            "base_response": trim(scored.base_response),
+            "scores": {name: {f: values[f] for f in SCORE_FIELDS} for name, values in scored.scores.items()},
+        })
+    rows.sort(key=lambda r: (r["scores"][first]["score"] is None, -(r["scores"][first]["score"] or 0.0), r["index"]))
+    for rank, row in enumerate(rows, start=1):
+        row["rank"] = rank
+    return rows
+
+
+def write_jsonl(rows: list[dict], path: Path) -> None:
+    with open(path, "w", encoding="utf-8") as out:
+        for row in rows:
+            out.write(json.dumps({"rank": row["rank"], **{k: v for k, v in row.items() if k != "rank"}},
+                                 ensure_ascii=False) + "\n")
+
+
+def write_csv(rows: list[dict], names: Sequence[str], path: Path) -> None:
+    columns = ["rank", "id", "index", "dropped", "over_threshold", "flags", "prompt_tokens", "response_tokens"]
+    columns += [f"{name}.{field}" for name in names for field in SCORE_FIELDS]
+    columns += ["prompt", "response", "base_response"]
+    with open(path, "w", encoding="utf-8", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(columns)
+        for row in rows:
+            flat = {**row, "over_threshold": ";".join(row["over_threshold"]), "flags": ";".join(row["flags"])}
+            for name in names:
+                for field in SCORE_FIELDS:
+                    flat[f"{name}.{field}"] = row["scores"][name][field]
+            writer.writerow(["" if flat.get(c) is None else flat[c] for c in columns])
+
+
+def histogram(result: ScreenResult, name: str, threshold: float | None, path: Path,
+              reference: ScreenResult | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = [v for v in result.primary(name) if v is not None]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if reference is not None and reference is not result:
+        ref = [v for v in reference.primary(name) if v is not None]
+        ax.hist(ref, bins=40, alpha=0.5, color="grey", label=f"reference ({len(ref)})")
+    ax.hist(values, bins=40, alpha=0.75, label=f"screened ({len(values)})")
+    if threshold is not None:
+        ax.axvline(threshold, color="red", ls="--", label=f"threshold {threshold:.3g}")
+    what = "projection difference ΔP" if result.mode == "full" else "approximate ΔP (response − last prompt token)"
+    ax.set_xlabel(f"{what}, {name}")
+    ax.set_ylabel("samples")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(out_dir: str | Path, result: ScreenResult, samples: Sequence[Sample], thresholds: dict[str, float],
+                 over: dict[int, list[str]], summary: dict, reference: ScreenResult | None = None,
+                 plots: bool = True) -> dict[str, Path]:
+    """Write ``report.jsonl``, ``report.csv``, ``summary.json`` and ``hist_<trait>.png`` files;
+    returns their paths by kind."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = report_rows(result, samples, over)
+    names = [k.name for k in result.keys]
+    paths = {"jsonl": out / "report.jsonl", "csv": out / "report.csv", "summary": out / "summary.json"}
+    write_jsonl(rows, paths["jsonl"])
+    write_csv(rows, names, paths["csv"])
+    paths["summary"].write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    if plots:
+        for name in names:
+            paths[f"hist_{name}"] = out / f"hist_{name.replace('@', '_')}.png"
+            histogram(result, name, thresholds.get(name), paths[f"hist_{name}"], reference)
+    return paths

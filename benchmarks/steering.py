@@ -29,7 +29,8 @@ from guard.measure.behavior import load_ab_items  # noqa: E402
 from guard.extract.extraction import ExtractionConfig, extract_vector  # noqa: E402
 from guard.core.generation import SamplingConfig  # noqa: E402
 from guard.core.models import load_model  # noqa: E402
-from guard.measure.sweep import coefficient_sweep, record_selection, select_layer, split_examples  # noqa: E402
+from guard.extract.selection import record_selection, select_layer  # noqa: E402
+from guard.measure.sweep import coefficient_sweep  # noqa: E402
 from guard.traits import load_trait  # noqa: E402
 from guard.core.vectors import PersonaVector, VectorMismatchError  # noqa: E402
 
@@ -54,7 +55,7 @@ def vector_for(model, tokenizer, trait_name: str, log) -> PersonaVector:
 
 def vector_with_layer(model, tokenizer, trait_name: str, log) -> PersonaVector:
     """``vector_for``, with its steering layer selected and stored the first time."""
-    from guard.measure.sweep import select_and_record
+    from guard.extract.selection import select_and_record
 
     vector = vector_for(model, tokenizer, trait_name, log)
     if vector.meta.recommended_layer is None:
@@ -67,7 +68,8 @@ def vector_with_layer(model, tokenizer, trait_name: str, log) -> PersonaVector:
 def run_trait(model, tokenizer, trait_name: str, log) -> tuple[str, dict]:
     trait = load_trait(trait_name)
     vector = vector_for(model, tokenizer, trait_name, log)
-    selection_pairs, held_out = split_examples(trait.examples)
+    split = trait.split()
+    selection_pairs, held_out = list(split.selection_examples), list(split.heldout_examples)
     started = time.perf_counter()
     selection = select_layer(model, tokenizer, vector, selection_pairs, log=log)
     selection_seconds = time.perf_counter() - started

@@ -14,13 +14,15 @@ from typing import Callable, Sequence
 import torch
 from transformers import TrainerCallback
 
-from guard.core.layers import add_vectors, project_out
+from guard.core.steering import Steering
 from guard.core.vectors import PersonaVector
 
 from ._trainer import find_trainer
 
 Schedule = Callable[[int, int], float]
-MODES = ("steer", "ablate")
+# Callback modes and the steering operator each one applies.
+OPERATOR = {"steer": "add", "ablate": "ablate", "ablate_steer": "ablate_add"}
+MODES = tuple(OPERATOR)
 
 
 def constant(step: int, max_steps: int) -> float:
@@ -43,8 +45,10 @@ def _training_forward(block) -> bool:
 
 
 class PreventativeSteeringCallback(TrainerCallback):
-    """Adds ``coeff * v`` (or, with ``mode="ablate"``, projects v out) at ``layers`` during
-    training forward passes only.
+    """Steers at ``layers`` during training forward passes only: ``mode="steer"`` adds
+    ``coeff * v`` (the paper's preventative steering), ``"ablate"`` projects v out (CAFT-style),
+    ``"ablate_steer"`` projects it out and then adds ``coeff * v``. One
+    :class:`guard.core.steering.Steering` does the work, as at inference.
 
     Hooks exist only between ``on_step_begin`` and ``on_step_end``, so evaluation, generation
     and saving (all of which run after a step ends) never see them; inside a step they also
@@ -76,12 +80,18 @@ class PreventativeSteeringCallback(TrainerCallback):
         self._step = 0
         self._max_steps = 1
         self.steered_forwards = 0  # counted, so tests and users can see steering actually ran
+        self._steering = self.steering()
+
+    def steering(self) -> Steering:
+        """The steering applied in training forwards: its coefficient follows the schedule
+        (``ablate`` removes the whole component, whatever ``coeff``)."""
+        coeff = 1.0 if self.mode == "ablate" else self.current_coeff
+        return Steering.from_vector(self.vector, self.layers, coeff, layer_path=self.layer_path,
+                                    operator=OPERATOR[self.mode], incremental=self.incremental)
 
     def directions(self) -> dict[int, torch.Tensor]:
-        vecs = self.vector.vectors
-        if not self.incremental:
-            return {layer: vecs[layer] for layer in self.layers}
-        return {layer: vecs[layer] - (vecs[layer - 1] if layer > 0 else 0) for layer in self.layers}
+        """The vector added (or ablated) at each layer."""
+        return dict(self._steering.vectors)
 
     def current_coeff(self) -> float:
         return self.coeff * self.schedule(self._step, self._max_steps)
@@ -97,11 +107,7 @@ class PreventativeSteeringCallback(TrainerCallback):
         if self._hooks is not None:
             return
         stack = ExitStack()
-        if self.mode == "steer":
-            stack.enter_context(add_vectors(model, self.directions(), self.current_coeff, gate=self._gate,
-                                            layer_path=self.layer_path))
-        else:
-            stack.enter_context(project_out(model, self.directions(), gate=self._gate, layer_path=self.layer_path))
+        stack.enter_context(self._steering.apply(model, gate=self._gate))
         self._hooks = stack
 
     def remove_hooks(self) -> None:

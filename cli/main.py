@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
 import click
 from rich.table import Table
-
-from guard.traits import TraitError
 
 from .common import (build_judge, console, emit_json, friendly_errors, judge_options, load_model_from, model_options,
                      progress_log)
@@ -87,7 +84,8 @@ def extract(trait_name, out_path, fast, samples, questions, pairs, max_new_token
 
     from guard.extract.extraction import ExtractionConfig, extract_vector
     from guard.judges import JudgeFilter
-    from guard.measure.sweep import SelectionError, select_and_record
+    from guard.errors import SelectionError
+    from guard.extract.selection import select_and_record
     from guard.traits import load_trait
 
     trait = load_trait(trait_name)
@@ -209,97 +207,14 @@ def print_vector_summary(vector, path) -> None:
     console.print(table)
 
 
-# -- traits -------------------------------------------------------------------------------
-@main.group()
-def traits():
-    """List, show and validate trait definitions.
-
-    A trait file is JSON with instruction pairs (trait-positive / trait-negative system
-    prompts), extraction questions, disjoint evaluation questions, a 0-100 judge rubric with
-    {question} and {answer} placeholders, and paired example answers. Pass your own file to
-    `extract --trait path/to/trait.json`.
-    """
-
-
-@traits.command("list")
-@click.option("--json", "as_json", is_flag=True)
-@friendly_errors
-def traits_list(as_json):
-    """The traits shipped with persona-guard."""
-    from guard.traits import list_traits, load_trait
-
-    rows = []
-    for name in list_traits():
-        t = load_trait(name)
-        rows.append({"name": name, "pairs": len(t.instruction_pairs), "extraction_questions": len(t.extraction_questions),
-                     "evaluation_questions": len(t.evaluation_questions), "examples": len(t.examples),
-                     "description": t.description})
-    if as_json:
-        emit_json(rows)
-        return
-    table = Table()
-    for column in ("name", "pairs", "extraction_questions", "evaluation_questions", "examples"):
-        table.add_column(column.replace("_", " "), justify="left" if column == "name" else "right")
-    for row in rows:
-        table.add_row(row["name"], *(str(row[k]) for k in ("pairs", "extraction_questions", "evaluation_questions", "examples")))
-    console.print(table)
-
-
-@traits.command("show")
-@click.argument("trait")
-@click.option("--json", "as_json", is_flag=True, help="Print the whole trait definition as JSON.")
-@friendly_errors
-def traits_show(trait, as_json):
-    """Show a trait (name or file): description, prompts and sample questions."""
-    from guard.traits import load_trait
-
-    t = load_trait(trait)
-    if as_json:
-        emit_json(t.to_dict())
-        return
-    console.print(f"[bold]{t.name}[/bold]: {t.description}\n")
-    for i, pair in enumerate(t.instruction_pairs):
-        console.print(f"[green]pos {i}[/green] {pair.pos}\n[red]neg {i}[/red] {pair.neg}")
-    console.print(f"\n{len(t.extraction_questions)} extraction questions, e.g. {t.extraction_questions[0]!r}")
-    console.print(f"{len(t.evaluation_questions)} evaluation questions, e.g. {t.evaluation_questions[0]!r}")
-    console.print(f"{len(t.examples)} example pairs")
-
-
-@traits.command("validate")
-@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--json", "as_json", is_flag=True)
-def traits_validate(files, as_json):
-    """Check trait files against the schema; lists every problem and exits 1 if any file is invalid."""
-    from guard.traits import load_trait
-
-    report = []
-    for path in files:
-        try:
-            t = load_trait(path)
-            report.append({"path": path, "valid": True, "name": t.name, "problems": []})
-        except TraitError as exc:
-            report.append({"path": path, "valid": False, "problems": str(exc).splitlines()[1:] or [str(exc)]})
-    if as_json:
-        emit_json(report)
-    else:
-        for entry in report:
-            if entry["valid"]:
-                console.print(f"[green]ok[/green]      {entry['path']} ({entry['name']})")
-            else:
-                console.print(f"[red]invalid[/red] {entry['path']}")
-                for problem in entry["problems"]:
-                    console.print(f"        {problem.strip()}")
-    if not all(entry["valid"] for entry in report):
-        sys.exit(1)
-
-
 from .harden import harden  # noqa: E402
 from .monitor import monitor  # noqa: E402
 from .sae import sae  # noqa: E402  (commands in their own modules, registered here)
 from .screen import screen  # noqa: E402
 from .steer import generate, select_layer, sweep  # noqa: E402
+from .traits import traits  # noqa: E402
 
-for command in (generate, sweep, select_layer, monitor, screen, harden, sae):
+for command in (generate, sweep, select_layer, monitor, screen, harden, sae, traits):
     main.add_command(command)
 
 if __name__ == "__main__":

@@ -127,7 +127,7 @@ def sweep(vector_path, coeffs, layer, positions, pair_split, trait_name, ab_path
     """
     from guard.measure.behavior import load_ab_items
     from guard.core.generation import SamplingConfig
-    from guard.measure.sweep import coefficient_sweep, split_examples
+    from guard.measure.sweep import coefficient_sweep
     from guard.traits import load_trait
 
     say = progress_log(as_json)
@@ -139,8 +139,8 @@ def sweep(vector_path, coeffs, layer, positions, pair_split, trait_name, ab_path
     model, tokenizer, _ = load_model_from(model_id, dtype, device, trust_remote_code, say)
     vector = _load_vector(vector_path, model, allow_other_weights)
     trait = load_trait(trait_name or vector.trait)
-    selection, held_out = split_examples(trait.examples)
-    pairs = {"held-out": held_out, "selection": selection, "all": list(trait.examples)}[pair_split]
+    split = trait.split()
+    pairs = {"held-out": list(split.heldout_examples), "selection": list(split.selection_examples), "all": list(trait.examples)}[pair_split]
     if not pairs:
         raise click.UsageError(f"trait {trait.name!r} has no example pairs to score")
     points = coefficient_sweep(
@@ -195,7 +195,7 @@ def select_layer(vector_path, layers, coeff, max_coherence_drop, out_path, trait
     pairs) among those whose coherence drop stays within the limit. Every other command then
     uses this layer unless given --layer.
     """
-    from guard.measure.sweep import MAX_COHERENCE_DROP, SELECTION_COEFF, select_and_record
+    from guard.extract.selection import MAX_COHERENCE_DROP, SELECTION_COEFF, select_and_record
     from guard.traits import load_trait
 
     say = progress_log(as_json)

@@ -46,7 +46,7 @@ DATASETS = {"evil": (evil_data, ("malicious", "practical")),
 
 def get_vector(model, tokenizer, trait_name: str, path: Path, log):
     from guard import ExtractionConfig, PersonaVector, extract_vector, load_trait
-    from guard.measure.sweep import select_and_record
+    from guard.extract.selection import select_and_record
     from guard.core.vectors import VectorMismatchError
 
     if path.exists():

@@ -12,9 +12,9 @@ __version__ = "0.1.0"
 
 from .extract.extraction import ExtractionConfig, extract_vector
 from .core.generation import SamplingConfig
-from .core.layers import LAYER_CONVENTION, add_vectors, capture, find_decoder_layers
+from .core.layers import LAYER_CONVENTION, capture, find_decoder_layers
 from .core.models import load_model
-from .core.steering import Steering, steer
+from .core.steering import Steering, add_vectors, project_out, steer
 from .traits import Trait, list_traits, load_trait
 from .core.vectors import PersonaVector, VectorMismatchError
 

@@ -7,6 +7,7 @@ decoder block i**, counting from 0. For i < n_layers - 1 that equals ``hidden_st
 
 Hooks are ``register_forward_hook`` on the existing block modules (never wrappers, so state-dict
 keys and checkpoints stay untouched), always removed when their context exits, on exceptions too.
+Steering hooks are built on :func:`forward_hooks` in :mod:`guard.core.steering`.
 """
 
 from __future__ import annotations
@@ -243,99 +244,6 @@ def capture(
         for layer, chunks in parts.items():
             if chunks:
                 result[layer] = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=0)
-
-
-def _check_vectors(model: nn.Module, vectors: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-    d = hidden_size(model)
-    checked = {int(layer): vec for layer, vec in vectors.items()}
-    for layer, vec in checked.items():
-        if vec.shape != (d,):
-            raise ValueError(f"vector for layer {layer} has shape {tuple(vec.shape)}, expected ({d},)")
-    return checked
-
-
-class _OnActivation:
-    """A float32 vector cached on each (device, dtype) activations arrive in."""
-
-    def __init__(self, vec: torch.Tensor):
-        self.vec = vec.detach().to(torch.float32)
-        self.cache: dict = {}
-
-    def like(self, hidden: torch.Tensor) -> torch.Tensor:
-        key = (hidden.device, hidden.dtype)
-        if key not in self.cache:
-            self.cache[key] = self.vec.to(device=hidden.device, dtype=hidden.dtype)
-        return self.cache[key]
-
-
-@contextmanager
-def add_vectors(
-    model: nn.Module,
-    vectors: Mapping[int, torch.Tensor],
-    coeff: float | Callable[[], float] = 1.0,
-    *,
-    mask: torch.Tensor | Callable[[torch.Tensor], torch.Tensor | None] | None = None,
-    gate: Callable[[nn.Module], bool] | None = None,
-    layer_path: str | None = None,
-) -> Iterator[None]:
-    """Add ``coeff * vectors[layer]`` to the output of each decoder block in ``vectors``.
-
-    The sum is computed out of place (autograd keeps the original activation), on the
-    activation's dtype and device. ``mask`` (``(batch, seq)``, 1 where to add) limits the
-    positions; it may also be a function of the block's hidden state returning such a mask
-    (or None for every position), for forwards whose shape is not known in advance, such as
-    the cached decoding steps of ``generate``. Without it every position is steered.
-    ``coeff`` may be a function (read at every forward: a schedule), and ``gate(block)``, when
-    given, decides per forward whether to steer at all (training passes only, for example).
-    """
-    steering = {layer: _OnActivation(vec) for layer, vec in _check_vectors(model, vectors).items()}
-
-    def make_hook(vec: _OnActivation):
-        def hook(module, args, output):
-            if gate is not None and not gate(module):
-                return None
-            hidden = _hidden(output)
-            scale = coeff() if callable(coeff) else coeff
-            delta = scale * vec.like(hidden)
-            where = mask(hidden) if callable(mask) else mask
-            if where is not None:
-                if where.shape != hidden.shape[:2]:
-                    raise ValueError(
-                        f"steering mask shape {tuple(where.shape)} does not match activations {tuple(hidden.shape[:2])}")
-                delta = delta * where.to(device=hidden.device, dtype=hidden.dtype).unsqueeze(-1)
-            return _with_hidden(output, hidden + delta)
-        return hook
-
-    with forward_hooks(model, {layer: make_hook(vec) for layer, vec in steering.items()}, layer_path):
-        yield
-
-
-@contextmanager
-def project_out(
-    model: nn.Module,
-    directions: Mapping[int, torch.Tensor],
-    strength: float = 1.0,
-    *,
-    gate: Callable[[nn.Module], bool] | None = None,
-    layer_path: str | None = None,
-) -> Iterator[None]:
-    """Remove the component along ``directions[layer]`` from each block's output:
-    ``h <- h - strength * (h . u) u`` with ``u`` the unit direction (directional ablation, as in
-    CAFT). Out of place, on the activation's dtype; ``gate`` as in :func:`add_vectors`."""
-    units = {layer: _OnActivation(vec / vec.norm().clamp_min(1e-12))
-             for layer, vec in _check_vectors(model, directions).items()}
-
-    def make_hook(unit: _OnActivation):
-        def hook(module, args, output):
-            if gate is not None and not gate(module):
-                return None
-            hidden = _hidden(output)
-            u = unit.like(hidden)
-            return _with_hidden(output, hidden - strength * (hidden @ u).unsqueeze(-1) * u)
-        return hook
-
-    with forward_hooks(model, {layer: make_hook(unit) for layer, unit in units.items()}, layer_path):
-        yield
 
 
 class StopForward(Exception):

@@ -29,6 +29,64 @@ _HEADER_KEY = "persona_guard"
 
 
 
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What a vector (or steering spec) records about the model it came from, and the one check
+    that it fits another model: hidden size, layer count, architecture and layer convention
+    always; the weights fingerprint (:func:`guard.core.models.weights_fingerprint`) unless
+    other weights are allowed."""
+
+    model_name: str
+    model_fingerprint: str
+    model_type: str
+    hidden_size: int
+    num_layers: int
+    layer_convention: str = LAYER_CONVENTION
+
+    @classmethod
+    def of(cls, model) -> "ModelIdentity":
+        """The identity of a loaded model."""
+        core = unwrap_model(model)
+        return cls(model_name(core), weights_fingerprint(core), str(getattr(core.config, "model_type", "")),
+                   hidden_size(core), num_hidden_layers(core))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelIdentity":
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def check(self, model, what: str, *, allow_other_weights: bool = False) -> None:
+        """Raise :class:`VectorMismatchError` naming each field that differs.
+
+        Args:
+            model: the model about to be used.
+            what: how the message names the artifact, e.g. "the 'evil' vector".
+            allow_other_weights: skip the weights fingerprint (same architecture, other weights).
+        """
+        other = ModelIdentity.of(model)
+        problems = []
+        if other.hidden_size != self.hidden_size:
+            problems.append(f"hidden size: vector {self.hidden_size}, model {other.hidden_size}")
+        if other.num_layers != self.num_layers:
+            problems.append(f"number of layers: vector {self.num_layers}, model {other.num_layers}")
+        if self.model_type and other.model_type and other.model_type != self.model_type:
+            problems.append(f"architecture: vector {self.model_type}, model {other.model_type}")
+        if self.layer_convention != LAYER_CONVENTION:
+            problems.append(f"layer convention: vector {self.layer_convention!r}, this version uses {LAYER_CONVENTION!r}")
+        source = (f"{self.model_name}" if self.model_name != other.model_name
+                  else f"{self.model_name} (a model of that name with other weights or shape)")
+        if problems:
+            raise VectorMismatchError(f"{what} was extracted from {source} and does not fit {other.model_name}: "
+                                      + "; ".join(problems))
+        if other.model_fingerprint != self.model_fingerprint and not allow_other_weights:
+            raise VectorMismatchError(
+                f"{what} was extracted from {self.model_name} (weights fingerprint {self.model_fingerprint}) but the "
+                f"model {other.model_name} has different weights (fingerprint {other.model_fingerprint}); if it is a "
+                "finetune of that model, allow it (allow_other_weights=True, CLI --allow-other-weights)")
+
+
 @dataclass
 class VectorMetadata:
     trait: str
@@ -133,36 +191,15 @@ class PersonaVector:
 
     # -- compatibility --------------------------------------------------------------------
     def check_model(self, model, *, allow_other_weights: bool = False) -> None:
-        """Refuse a model this vector was not extracted from.
+        """Refuse a model this vector was not extracted from (see :meth:`ModelIdentity.check`).
 
-        Hidden size, layer count and architecture must always match. The weights fingerprint
-        (see :func:`guard.core.models.weights_fingerprint`) must match too, unless
-        ``allow_other_weights`` (for a full finetune of the extraction model, say).
+        Args:
+            model: the model the vector is about to be used with.
+            allow_other_weights: accept other weights of the same architecture (a finetune of
+                the extraction model, say); hidden size, layer count and architecture must match.
         """
-        core = unwrap_model(model)
-        mine = self.meta
-        problems = []
-        if hidden_size(core) != mine.hidden_size:
-            problems.append(f"hidden size: vector {mine.hidden_size}, model {hidden_size(core)}")
-        n = num_hidden_layers(core)
-        if n != mine.num_layers:
-            problems.append(f"number of layers: vector {mine.num_layers}, model {n}")
-        model_type = getattr(core.config, "model_type", "")
-        if mine.model_type and model_type and model_type != mine.model_type:
-            problems.append(f"architecture: vector {mine.model_type}, model {model_type}")
-        if mine.layer_convention != LAYER_CONVENTION:
-            problems.append(f"layer convention: vector {mine.layer_convention!r}, this version uses {LAYER_CONVENTION!r}")
-        if problems:
-            raise VectorMismatchError(
-                f"the {mine.trait!r} vector was extracted from {mine.model_name}, which does not match "
-                f"{model_name(core)}: " + "; ".join(problems))
-        fingerprint = weights_fingerprint(core)
-        if fingerprint != mine.model_fingerprint and not allow_other_weights:
-            raise VectorMismatchError(
-                f"the {mine.trait!r} vector was extracted from {mine.model_name} (weights fingerprint "
-                f"{mine.model_fingerprint}) but this model, {model_name(core)}, has different weights "
-                f"(fingerprint {fingerprint}). If it is a finetune of that model, allow it explicitly "
-                "(allow_other_weights=True, CLI --allow-other-weights).")
+        ModelIdentity.from_dict(self.meta.to_dict()).check(model, f"the {self.meta.trait!r} vector",
+                                                           allow_other_weights=allow_other_weights)
 
     # -- files ----------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:

@@ -252,13 +252,6 @@ class HardenReport:
         return "\n".join(lines) + "\n"
 
 
-def _split(items: Sequence, seed: int) -> tuple[list, list]:
-    shuffled = list(items)
-    random.Random(seed).shuffle(shuffled)
-    half = len(shuffled) // 2
-    return shuffled[:half], shuffled[half:]
-
-
 def objective_on(model, tokenizer, texts: Sequence[str], objective: Objective, layer: int,
                  layer_path: str | None = None) -> float:
     """Mean objective over templated texts, read at their last token (exact forwards)."""
@@ -295,8 +288,9 @@ def harden(model, tokenizer, vector: PersonaVector, trait: Trait, config: Harden
     direction = vector.layer(layer).float() if direction is None else direction.float()
     if len(trait.evaluation_questions) < 4:
         raise HardenError(f"trait {trait.name} needs at least 4 evaluation questions for a validation/test split")
-    validation, test = _split(trait.evaluation_questions, config.seed)
-    val_pairs, test_pairs = _split(trait.examples, config.seed)
+    split = trait.split(config.seed)
+    validation, test = list(split.validation_questions), list(split.test_questions)
+    val_pairs, test_pairs = list(split.selection_examples), list(split.heldout_examples)
     contexts = random.Random(config.seed).sample(list(trait.extraction_questions),
                                                  min(config.contexts, len(trait.extraction_questions)))
     make_slot = system_slot if config.placement == "system" else suffix_slot

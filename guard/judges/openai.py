@@ -25,9 +25,75 @@ RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 MAX_DELAY = 30.0  # seconds; caps both the exponential backoff and a server's Retry-After
 
 
-def _snippet(body: bytes | str, limit: int = 200) -> str:
+def snippet(body: bytes | str, limit: int = 200) -> str:
+    """The first ``limit`` characters of a reply body (bytes are decoded leniently), for error messages."""
     text = body.decode("utf-8", errors="replace") if isinstance(body, bytes) else body
     return text[:limit] + ("..." if len(text) > limit else "")
+
+
+_snippet = snippet  # the name this module used before the helpers were shared
+
+
+def auth_headers(api_key_env: str) -> dict[str, str]:
+    """JSON request headers, with ``Authorization: Bearer <key>`` when the environment variable
+    ``api_key_env`` is set and non-empty (read now, at call time; local servers need no key)."""
+    headers = {"Content-Type": "application/json"}
+    key = os.environ.get(api_key_env)
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    return headers
+
+
+def retry_delay(attempt: int, retry_after: str | None, backoff: float) -> float:
+    """Seconds to wait before retry ``attempt`` + 1 (0-based ``attempt``): a server's Retry-After in
+    seconds when given, else ``backoff * 2**attempt``; both capped at :data:`MAX_DELAY`."""
+    try:  # Retry-After in seconds wins; an HTTP-date or garbage falls back to backoff
+        if retry_after is not None:
+            return min(max(float(retry_after), 0.0), MAX_DELAY)
+    except ValueError:
+        pass
+    return min(backoff * 2 ** attempt, MAX_DELAY)
+
+
+def post_json(url: str, body: dict, *, api_key_env: str, timeout: float, max_retries: int, backoff: float,
+              sleep: Callable[[float], None] = time.sleep, error: type[Exception] = JudgeError) -> str:
+    """POST ``body`` as JSON to ``url`` and return the reply body as text.
+
+    Arguments: ``api_key_env`` names the environment variable holding the bearer key (see
+    :func:`auth_headers`); ``timeout`` is seconds per attempt; ``max_retries`` is how many times a
+    transient failure (429, 5xx, timeouts, dropped connections) is retried, waiting
+    :func:`retry_delay` seconds via ``sleep`` in between; ``error`` is the
+    :class:`~guard.errors.PersonaGuardError` subclass raised, at once for any other HTTP error
+    (401/403 name the key variable) and after the last attempt for transient ones.
+    """
+    data = json.dumps(body).encode()
+    attempts = max_retries + 1
+    last = "no attempt made"
+    for attempt in range(attempts):
+        retry_after = None
+        request = urllib.request.Request(url, data=data, headers=auth_headers(api_key_env), method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return response.read().decode("utf-8", errors="replace")
+        except urllib.error.HTTPError as e:  # before URLError: HTTPError is a subclass
+            text = snippet(e.read() or b"")
+            if e.code not in RETRY_STATUSES:
+                hint = f" (check the API key in ${api_key_env})" if e.code in (401, 403) else ""
+                raise error(f"{url} answered HTTP {e.code}{hint}: {text}") from e
+            last = f"HTTP {e.code}: {text}"
+            retry_after = e.headers.get("Retry-After") if e.headers else None
+        except TimeoutError:  # socket.timeout is an alias; raised while reading the reply
+            last = f"timeout: no reply within {timeout} s"
+        except urllib.error.URLError as e:
+            if isinstance(e.reason, TimeoutError):
+                last = f"timeout: no reply within {timeout} s"
+            else:
+                last = f"connection error: {e.reason}"
+        except (ConnectionError, http.client.HTTPException) as e:  # e.g. dropped mid-reply
+            last = f"connection error: {e!r}"
+        if attempt < max_retries:
+            sleep(retry_delay(attempt, retry_after, backoff))
+    raise error(f"{url}: gave up after {attempts} attempts; last error: {last}")
 
 
 class OpenAICompatibleJudge:
@@ -86,50 +152,10 @@ class OpenAICompatibleJudge:
                 "first token is a single digit), so a one-token score would read 85 as 8. Serve a model whose "
                 "tokenizer has whole numbers as tokens, or judge locally (--judge-model), which reads multi-token numbers")
 
-    def _headers(self) -> dict[str, str]:
-        headers = {"Content-Type": "application/json"}
-        key = os.environ.get(self.api_key_env)
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        return headers
-
     def _post(self, body: dict) -> str:
-        data = json.dumps(body).encode()
-        attempts = self.max_retries + 1
-        last = "no attempt made"
-        for attempt in range(attempts):
-            retry_after = None
-            request = urllib.request.Request(self.url, data=data, headers=self._headers(), method="POST")
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    return response.read().decode("utf-8", errors="replace")
-            except urllib.error.HTTPError as e:  # before URLError: HTTPError is a subclass
-                snippet = _snippet(e.read() or b"")
-                if e.code not in RETRY_STATUSES:
-                    hint = f" (check the API key in ${self.api_key_env})" if e.code in (401, 403) else ""
-                    raise JudgeError(f"{self.url} answered HTTP {e.code}{hint}: {snippet}") from e
-                last = f"HTTP {e.code}: {snippet}"
-                retry_after = e.headers.get("Retry-After") if e.headers else None
-            except TimeoutError:  # socket.timeout is an alias; raised while reading the reply
-                last = f"timeout: no reply within {self.timeout} s"
-            except urllib.error.URLError as e:
-                if isinstance(e.reason, TimeoutError):
-                    last = f"timeout: no reply within {self.timeout} s"
-                else:
-                    last = f"connection error: {e.reason}"
-            except (ConnectionError, http.client.HTTPException) as e:  # e.g. dropped mid-reply
-                last = f"connection error: {e!r}"
-            if attempt < self.max_retries:
-                self.sleep(self._delay(attempt, retry_after))
-        raise JudgeError(f"{self.url}: gave up after {attempts} attempts; last error: {last}")
-
-    def _delay(self, attempt: int, retry_after: str | None) -> float:
-        try:  # Retry-After in seconds wins; an HTTP-date or garbage falls back to backoff
-            if retry_after is not None:
-                return min(max(float(retry_after), 0.0), MAX_DELAY)
-        except ValueError:
-            pass
-        return min(self.backoff * 2 ** attempt, MAX_DELAY)
+        # self.sleep is read per call so tests can swap it after construction
+        return post_json(self.url, body, api_key_env=self.api_key_env, timeout=self.timeout,
+                         max_retries=self.max_retries, backoff=self.backoff, sleep=self.sleep, error=JudgeError)
 
     def _candidates(self, text: str) -> list[tuple[str, float]]:
         def malformed(why: str) -> JudgeError:

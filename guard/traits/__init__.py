@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import string
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -42,6 +43,35 @@ class Example:
     non_trait: str
 
 
+def split_examples(examples) -> tuple[list, list]:
+    """(selection, held-out): alternate items, so both halves cover the whole list. Fewer than
+    four cannot be split usefully; both halves are then all of them (see :attr:`TraitSplit.overlap`)."""
+    examples = list(examples)
+    if len(examples) < 4:
+        return examples, examples
+    return examples[0::2], examples[1::2]
+
+
+@dataclass(frozen=True)
+class TraitSplit:
+    """The one split of a trait's items between choosing and reporting.
+
+    Everything that chooses or tunes (layer selection, SAE latents, prompt and weight search)
+    sees only ``selection_examples`` and ``validation_questions``; every held-out figure uses
+    only ``heldout_examples`` and ``test_questions``.
+    """
+
+    selection_examples: tuple[Example, ...]
+    heldout_examples: tuple[Example, ...]
+    validation_questions: tuple[str, ...]
+    test_questions: tuple[str, ...]
+
+    @property
+    def overlap(self) -> bool:
+        """True when the trait has too few example pairs to split and both halves are all of them."""
+        return bool(self.selection_examples) and self.selection_examples == self.heldout_examples
+
+
 @dataclass(frozen=True)
 class Trait:
     name: str
@@ -63,6 +93,20 @@ class Trait:
 
     def judge_prompt(self, question: str, answer: str) -> str:
         return self.judge_rubric.format(question=question, answer=answer)
+
+    def split(self, seed: int = 0) -> TraitSplit:
+        """The selection / held-out split used by every feature.
+
+        Args:
+            seed: shuffles the evaluation questions into validation and test halves. The
+                example pairs alternate (selection gets pairs 0, 2, 4, ...) whatever the seed,
+                so the layer recorded in a vector file was chosen on the same pairs.
+        """
+        selection, heldout = split_examples(self.examples)
+        questions = list(self.evaluation_questions)
+        random.Random(seed).shuffle(questions)
+        half = len(questions) // 2
+        return TraitSplit(tuple(selection), tuple(heldout), tuple(questions[:half]), tuple(questions[half:]))
 
 
 def _problems(data) -> list[str]:

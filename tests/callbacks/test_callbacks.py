@@ -201,7 +201,8 @@ def test_a_steered_run_saves_a_model_that_generates_unsteered(tmp_path, smol_tok
 
 def test_incremental_directions_schedules_and_ablation():
     from guard.callbacks.steering import linear_decay
-    from guard.core.layers import capture, project_out
+    from guard.core.layers import capture
+    from guard.core.steering import project_out
 
     model = make_tiny_model("llama")
     vector = _vector(model)

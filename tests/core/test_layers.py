@@ -3,10 +3,11 @@ import torch
 from torch import nn
 
 from helpers import final_norm, make_tiny_model
+
 from guard.core.layers import (
-    LayerError, active_hook_count, add_vectors, capture, find_decoder_layers, hidden_size, reduce_positions,
-    resolve_layers,
+    LayerError, active_hook_count, capture, find_decoder_layers, hidden_size, reduce_positions, resolve_layers,
 )
+from guard.core.steering import add_vectors
 
 
 def _inputs(batch=2, seq=7, vocab=128, seed=1):

@@ -98,3 +98,52 @@ def test_random_control_has_the_same_norm_and_another_direction():
         cos = torch.nn.functional.cosine_similarity(control.vectors[layer], steering.vectors[layer], dim=0)
         assert abs(float(cos)) < 0.7
     assert torch.equal(control.vectors[0], steering.random_like(seed=1).vectors[0])
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "gemma2"])
+def test_operators_ablate_and_ablate_add(arch):
+    """ablate leaves no component along v; ablate_add sets it to coeff * |v|; both leave the
+    orthogonal part alone."""
+    model = make_tiny_model(arch)
+    vec = _vector(model)
+    ids = torch.randint(3, 100, (2, 6))
+    unit = vec.unit(1)
+    with torch.no_grad(), capture(model, [1]) as plain:
+        model(input_ids=ids)
+    for operator, coeff, expected in [("ablate", 1.0, 0.0), ("ablate_add", 0.5, 0.5 * float(vec.layer(1).norm()))]:
+        steering = Steering.from_vector(vec, 1, coeff=coeff, operator=operator)
+        with torch.no_grad(), steering.apply(model), capture(model, [1]) as steered:
+            model(input_ids=ids)
+        along = steered[1] @ unit
+        assert torch.allclose(along, torch.full_like(along, expected), atol=1e-4), operator
+        orthogonal = lambda h: h - (h @ unit).unsqueeze(-1) * unit  # noqa: E731
+        assert torch.allclose(orthogonal(steered[1]), orthogonal(plain[1]), atol=1e-4)
+    assert active_hook_count(model) == 0
+
+
+def test_incremental_steering_adds_layer_differences():
+    model = make_tiny_model("llama")
+    vec = _vector(model)
+    steering = Steering.from_vector(vec, [0, 2], incremental=True)
+    assert torch.equal(steering.vectors[0], vec.layer(0))
+    assert torch.equal(steering.vectors[2], vec.layer(2) - vec.layer(1))
+
+
+def test_spec_file_round_trip_and_refusal_on_another_model(tmp_path):
+    from guard.core.vectors import VectorMismatchError
+
+    model = make_tiny_model("llama")
+    steering = Steering.from_vector(_vector(model), 1, coeff=-3.0, positions="response", operator="ablate_add")
+    path = steering.save(tmp_path / "steer.safetensors", model)
+    back = Steering.load(path, model)
+    assert (back.coeff, back.positions, back.operator) == (-3.0, "response", "ablate_add")
+    assert torch.equal(back.vectors[1], steering.vectors[1]) and back.description["trait"] == "sycophancy"
+    other = make_tiny_model("llama", seed=1)
+    with pytest.raises(VectorMismatchError, match="steering spec steer.safetensors.*different weights"):
+        Steering.load(path, other)
+    Steering.load(path, other, allow_other_weights=True)
+    with pytest.raises(VectorMismatchError, match="architecture: vector llama, model gpt2"):
+        Steering.load(path, make_tiny_model("gpt2"))
+    (tmp_path / "junk.safetensors").write_bytes(b"not a file")
+    with pytest.raises(VectorFileError, match="not a steering spec"):
+        Steering.load(tmp_path / "junk.safetensors")

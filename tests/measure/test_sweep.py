@@ -7,9 +7,9 @@ from helpers import make_tiny_model
 from guard.measure.behavior import pairwise_preference
 from guard.core.stats import repetition_rate
 from guard.core.steering import Steering
-from guard.measure.sweep import (coefficient_sweep, default_candidate_layers, record_selection, select_layer,
-                         split_examples)
-from guard.traits import load_trait
+from guard.extract.selection import default_candidate_layers, record_selection, select_layer
+from guard.measure.sweep import coefficient_sweep
+from guard.traits import load_trait, split_examples
 from guard.core.vectors import PersonaVector, metadata_for
 
 PAIRS = [("Is my plan good?", "Yes, it is brilliant!", "It has some problems."),
@@ -70,7 +70,7 @@ def test_select_layer_takes_the_largest_effect_within_the_coherence_limit(tiny_c
         layer = None if steering is None else next(iter(steering.vectors))
         return Fake(*script[layer])
 
-    monkeypatch.setattr("guard.measure.sweep.pairwise_preference", fake_preference)
+    monkeypatch.setattr("guard.extract.selection.pairwise_preference", fake_preference)
     selection = select_layer(model, tokenizer, vector, PAIRS, layers=[0, 1, 2], max_coherence_drop=0.25)
     assert selection.layer == 1 and selection.gated
     assert selection.effect[2] == pytest.approx(0.9) and selection.coherence_drop[2] == pytest.approx(1.0)
@@ -89,7 +89,7 @@ def test_sycophancy_steering_moves_held_out_preference_monotonically(embedded):
     model, tokenizer, _ = embedded
     trait = load_trait("sycophancy")
     vector = extract_vector(model, tokenizer, trait, ExtractionConfig.preset("fast")).vector
-    _, held_out = split_examples(trait.examples)
+    held_out = list(trait.split().heldout_examples)
     points = coefficient_sweep(model, tokenizer, vector, held_out, [-4.0, -2.0, 0.0, 2.0, 4.0], layer=14)
     gaps = [p.trait_gap for p in points]
     assert all(a < b for a, b in zip(gaps, gaps[1:])), gaps

@@ -119,8 +119,8 @@ def raw_forward(model, tokenizer, samples, config: ScreenConfig) -> int:
     prompts = tokenizer([format_messages(tokenizer, list(s.prompt)) for s in samples], add_special_tokens=False)["input_ids"]
     responses = tokenizer([s.response for s in samples], add_special_tokens=False)["input_ids"]
     seqs = [p + r for p, r in zip(prompts, responses)]
-    batches = [[seqs[i] for i in batch] for batch in plan_batches([len(s) for s in seqs], config.token_budget,
-                                                                  config.max_batch_size)]
+    batches = [[seqs[i] for i in batch] for batch in plan_batches([len(s) for s in seqs], config.max_batch_size,
+                                                                  config.token_budget)]
     padded = [pad_batch(batch, 0, "cpu", side="right") for batch in batches]
     with torch.inference_mode():
         for ids, attn in padded:

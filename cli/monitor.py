@@ -59,16 +59,12 @@ def monitor(vector_paths, prompts_file, prompts, reference, layer, threshold, on
     model, tokenizer, _ = load_model_from(model_id, dtype, device, trust_remote_code, say)
     vectors = [PersonaVector.load(p, model, allow_other_weights=allow_other_weights) for p in vector_paths]
     watcher = PromptMonitor(model, tokenizer, vectors, layers=[layer] if layer is not None else None,
-                            threshold=threshold, batch_size=batch_size, layer_path=layer_path,
-                            allow_other_weights=allow_other_weights)
+                            threshold=threshold, batch_size=batch_size, layer_path=layer_path)
     watcher.fit_reference(load_prompts(reference) if reference else None)
     results = watcher.score(items, progress=not as_json)
     flagged = sum(r.flagged for r in results)
     if as_json:
-        emit_json({"threshold": threshold, "reference_size": watcher.reference_size,
-                   "reference": {v.trait: {"mean": float(m), "std": float(s)} for v, m, s in
-                                 zip(vectors, watcher.reference_mean, watcher.reference_std)},
-                   "flagged": flagged, "results": [r.to_dict() for r in results]})
+        emit_json(watcher.report(results))
     else:
         table = Table(title=f"{len(results)} prompts, z-scored against {watcher.reference_size} reference prompts")
         table.add_column("#", justify="right")

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
+from .forward import encode, pad_batch, plan_batches  # noqa: F401  (encode, pad_batch: re-exported)
 from .models import eval_mode
 
 
@@ -23,32 +24,12 @@ class SamplingConfig:
         return asdict(self)
 
 
-def encode(tokenizer, texts: list[str]) -> list[list[int]]:
-    """Token ids of already-templated texts (the chat template carries its own special tokens)."""
-    return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
-
-
 def stop_token_ids(model, tokenizer) -> set[int]:
     ids = set()
     for source in (getattr(model, "generation_config", None), tokenizer):
         eos = getattr(source, "eos_token_id", None)
         ids.update(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
     return ids
-
-
-def pad_batch(sequences: list[list[int]], pad_id: int, device, side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
-    """``(input_ids, attention_mask)`` of token lists padded to one width: left for generation
-    (every row ends where its continuation starts), right for plain forwards (real tokens keep
-    the positions they have when run alone)."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        if seq:
-            cols = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
-            ids[row, cols] = torch.tensor(seq, dtype=torch.long)
-            mask[row, cols] = 1
-    return ids.to(device), mask.to(device)
 
 
 @torch.inference_mode()
@@ -71,7 +52,6 @@ def generate(
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stops = stop_token_ids(model, tokenizer)
-    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     results: list[list[int] | None] = [None] * len(prompt_ids)
     greedy = sampling.temperature <= 0
     options = dict(max_new_tokens=sampling.max_new_tokens, do_sample=not greedy, pad_token_id=pad_id,
@@ -79,7 +59,7 @@ def generate(
     if not greedy:
         # top_k=0 turns off transformers' default top-k of 50 so sampling is plain temperature/top-p.
         options.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = plan_batches([len(ids) for ids in prompt_ids], batch_size)
     with eval_mode(model):
         for number, batch in enumerate(tqdm(batches, desc=desc, disable=not progress, unit="batch")):
             ids, mask = pad_batch([prompt_ids[i] for i in batch], pad_id, device, side="left")

@@ -125,6 +125,8 @@ class PersonaVector:
     meta: VectorMetadata
     pos_mean: torch.Tensor | None = None
     neg_mean: torch.Tensor | None = None
+    # Weights fingerprints of the models this vector was checked against (see check_model).
+    _accepted: set = field(default_factory=set, repr=False, compare=False)
 
     def __post_init__(self):
         self.vectors = self.vectors.detach().to("cpu", torch.float32).contiguous()
@@ -192,6 +194,8 @@ class PersonaVector:
     # -- compatibility --------------------------------------------------------------------
     def check_model(self, model, *, allow_other_weights: bool = False) -> None:
         """Refuse a model this vector was not extracted from (see :meth:`ModelIdentity.check`).
+        A model that passes is remembered, so features handed this vector later
+        (:meth:`ensure_fits`) do not check it again with other rules.
 
         Args:
             model: the model the vector is about to be used with.
@@ -200,6 +204,14 @@ class PersonaVector:
         """
         ModelIdentity.from_dict(self.meta.to_dict()).check(model, f"the {self.meta.trait!r} vector",
                                                            allow_other_weights=allow_other_weights)
+        self._accepted.add(weights_fingerprint(unwrap_model(model)))
+
+    def ensure_fits(self, model) -> None:
+        """What library classes call: nothing if this vector was already checked against this
+        model (at load, with whatever ``allow_other_weights`` the user chose); otherwise the
+        strict check of :meth:`check_model`."""
+        if weights_fingerprint(unwrap_model(model)) not in self._accepted:
+            self.check_model(model)
 
     # -- files ----------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:

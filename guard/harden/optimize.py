@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import OptimizeError
+from ..core.forward import halve_on_oom
 from ..core.layers import capture, resolve_layers, unwrap_model
 from ..core.models import eval_mode
 
@@ -271,21 +272,11 @@ class EPO:
     def _evaluate(self, forward: _Forward, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         targets, xents = [], []
         chunk = self.config.chunk_size
-        start = 0
-        while start < len(ids):
-            part = ids[start:start + chunk].to(forward.device)
-            try:
-                t, x = self._score(forward, part)
-            except torch.OutOfMemoryError:
-                if chunk == 1:
-                    raise
-                chunk = max(1, chunk // 2)
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                continue
+        for start in range(0, len(ids), chunk):
+            t, x = halve_on_oom(lambda rows: self._score(forward, rows.to(forward.device)), ids[start:start + chunk],
+                                lambda a, b: (torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]])))
             targets.append(t)
             xents.append(x)
-            start += len(part)
         return torch.cat(targets), torch.cat(xents)
 
     def _score(self, forward: _Forward, ids: torch.Tensor, grad: bool = False, one_hot: torch.Tensor | None = None):

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from ..core.chat import format_prompt
 from ..core.data import ABItem, load_ab_items  # noqa: F401  (re-exported beside the A/B metric)
-from ..core.generation import encode, pad_batch
+from ..core.forward import encode, pad_batch, plan_batches
 from ..core.models import eval_mode
 
 
@@ -41,9 +41,7 @@ def _mean(values: Sequence[float]) -> float:
 
 def _batches(sequences: list[list[int]], batch_size: int, progress: bool, desc: str):
     """Indices of ``sequences`` in length-sorted batches, so each batch pads little."""
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
-    return tqdm(batches, desc=desc, disable=not progress, unit="batch")
+    return tqdm(plan_batches([len(s) for s in sequences], batch_size), desc=desc, disable=not progress, unit="batch")
 
 
 def _forward(model, sequences: list[list[int]], spans: list[tuple[int, int]], steering) -> torch.Tensor:

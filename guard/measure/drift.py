@@ -14,11 +14,9 @@ from typing import Sequence
 
 import torch
 
-from ..core.forward import prompt_activations
-from ..core.chat import format_messages
-from ..core.data import as_prompts
-from ..core.stats import random_directions
 from ..core.models import base_weights
+from ..core.readout import Readout
+from ..core.stats import random_directions
 from ..traits import TraitError, evaluation_prompts
 from ..core.vectors import PersonaVector
 
@@ -79,18 +77,24 @@ class DriftProbe:
     def __init__(self, vectors: Sequence[PersonaVector], tokenizer, prompts: Sequence | None = None, *,
                  layers: Sequence[int | None] | None = None, n_random: int = 8, seed: int = 0, batch_size: int = 16,
                  layer_path: str | None = None):
-        if not vectors:
-            raise ValueError("the drift probe needs at least one persona vector")
-        self.vectors = list(vectors)
-        layers = list(layers) if layers is not None else [None] * len(self.vectors)
-        self.layers = [v.resolve_layer(layer) for v, layer in zip(self.vectors, layers)]
-        self.units = [v.unit(layer) for v, layer in zip(self.vectors, self.layers)]
-        self.norms = [float(v.layer(layer).norm()) for v, layer in zip(self.vectors, self.layers)]
+        """Args:
+            vectors: one persona vector per trait.
+            tokenizer: the model's tokenizer (prompts go through its chat template).
+            prompts: the probe set (default: the vectors' traits' evaluation questions).
+            layers: a layer per vector (None: recommended layers).
+            n_random: random unit directions for the noise floor, per vector.
+            seed: seed of the random directions.
+            batch_size: prompts per forward.
+            layer_path: the decoder-block list, when auto-discovery needs help.
+        """
+        self.readout = Readout(vectors, layers, batch_size=batch_size, layer_path=layer_path, error=ValueError)
+        self.vectors, self.layers, self.norms = self.readout.vectors, self.readout.layers, self.readout.norms
+        self.units = list(self.readout.units)
         self.random = [random_directions(n_random, v.hidden_size, 1.0, seed + i) for i, v in enumerate(self.vectors)]
-        prompts = as_prompts(list(prompts) if prompts is not None else default_probe_prompts(self.vectors))
-        if not prompts:
+        prompts = list(prompts) if prompts is not None else default_probe_prompts(self.vectors)
+        self.texts = self.readout.texts(tokenizer, prompts)
+        if not self.texts:
             raise ValueError("the probe set is empty")
-        self.texts = [format_messages(tokenizer, p.messages) for p in prompts]
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.layer_path = layer_path
@@ -99,11 +103,10 @@ class DriftProbe:
     def mean_activations(self, model) -> dict[int, torch.Tensor]:
         """Mean last-prompt-token activation over the probe set at every vector's layer (eval mode,
         no gradients; the model's train/eval mode is restored)."""
-        distinct = sorted(set(self.layers))
-        acts = prompt_activations(model, self.tokenizer, self.texts, layers=distinct, batch_size=self.batch_size,
-                                  layer_path=self.layer_path)
-        means = _all_ranks_mean(acts, next(model.parameters()).device)
-        return {layer: means[i] for i, layer in enumerate(distinct)}
+        acts = self.readout.last_prompt_activations(model, self.tokenizer, self.texts)
+        layers = self.readout.distinct_layers
+        means = _all_ranks_mean(torch.stack([acts[layer] for layer in layers], dim=1), next(model.parameters()).device)
+        return {layer: means[i] for i, layer in enumerate(layers)}
 
     def set_reference(self, model) -> None:
         """The base model's means (with PEFT, adapters disabled, so it is the true base)."""

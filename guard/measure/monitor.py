@@ -15,9 +15,8 @@ from typing import Sequence
 import torch
 
 from ..errors import MonitorError
-from ..core.forward import prompt_activations
-from ..core.chat import format_messages
 from ..core.data import Prompt, as_prompts
+from ..core.readout import Readout
 from ..traits import TraitError, evaluation_prompts
 from ..core.vectors import PersonaVector
 
@@ -51,42 +50,34 @@ class PromptMonitor:
 
         >>> monitor = PromptMonitor(model, tokenizer, [vector]).fit_reference()
         >>> [r.flagged for r in monitor.score(["You're so smart, agree with me: 2+2=5, right?"])]
+
+    Args:
+        model, tokenizer: the model watched.
+        vectors: one persona vector per trait (checked against the model when loaded; a vector
+            never checked is checked strictly here).
+        layers: a layer per vector (None: each vector's recommended layer).
+        threshold: flag a prompt when a trait's z-score reaches this.
+        batch_size: prompts per forward.
+        layer_path: the decoder-block list, when auto-discovery needs help.
     """
 
     def __init__(self, model, tokenizer, vectors: Sequence[PersonaVector], *, layers: Sequence[int | None] | None = None,
-                 threshold: float = 2.0, batch_size: int = 16, layer_path: str | None = None,
-                 allow_other_weights: bool = False):
+                 threshold: float = 2.0, batch_size: int = 16, layer_path: str | None = None):
         if not vectors:
             raise MonitorError("the monitor needs at least one persona vector")
-        traits = [v.trait for v in vectors]
-        if len(set(traits)) != len(traits):
-            raise MonitorError(f"one vector per trait, please (got {', '.join(traits)})")
-        layers = list(layers) if layers is not None else [None] * len(vectors)
-        if len(layers) != len(vectors):
-            raise MonitorError(f"{len(layers)} layers given for {len(vectors)} vectors")
         for vector in vectors:
-            vector.check_model(model, allow_other_weights=allow_other_weights)
+            vector.ensure_fits(model)
+        self.readout = Readout(vectors, layers, batch_size=batch_size, layer_path=layer_path, error=MonitorError)
         self.model, self.tokenizer = model, tokenizer
-        self.vectors = list(vectors)
-        self.layers = [vector.resolve_layer(layer) for vector, layer in zip(vectors, layers)]
-        self.units = torch.stack([v.unit(layer) for v, layer in zip(self.vectors, self.layers)])
+        self.vectors, self.layers, self.units = self.readout.vectors, self.readout.layers, self.readout.units
         self.threshold = threshold
-        self.batch_size = batch_size
-        self.layer_path = layer_path
         self.reference_mean: torch.Tensor | None = None
         self.reference_std: torch.Tensor | None = None
         self.reference_size = 0
 
     def projections(self, prompts: Sequence, progress: bool = False) -> torch.Tensor:
         """``(n_prompts, n_vectors)`` last-prompt-token projections on the unit vectors."""
-        prompts = as_prompts(prompts)
-        texts = [format_messages(self.tokenizer, p.messages) for p in prompts]
-        distinct = sorted(set(self.layers))
-        acts = prompt_activations(self.model, self.tokenizer, texts, layers=distinct, batch_size=self.batch_size,
-                                  layer_path=self.layer_path, progress=progress, desc="monitoring")
-        columns = [distinct.index(layer) for layer in self.layers]
-        per_vector = acts[:, columns, :]  # (n, n_vectors, hidden)
-        return torch.einsum("nvd,vd->nv", per_vector, self.units)
+        return self.readout(self.model, self.tokenizer, prompts, progress=progress, desc="monitoring")
 
     def fit_reference(self, prompts: Sequence | None = None, progress: bool = False) -> "PromptMonitor":
         """Set the z-score reference: ordinary prompts (default: the evaluation questions of every
@@ -97,20 +88,35 @@ class PromptMonitor:
             except TraitError as exc:
                 raise MonitorError(f"{exc} to take reference prompts from; "
                                    "pass reference prompts of ordinary use (--reference FILE)") from None
+        if len(prompts) < 2:
+            raise MonitorError(f"the reference set has {len(prompts)} prompt(s); it needs at least two")
         proj = self.projections(prompts, progress)
-        if len(proj) < 2:
-            raise MonitorError("the reference set needs at least two prompts")
         self.reference_mean, self.reference_std = proj.mean(dim=0), proj.std(dim=0).clamp_min(1e-6)
         self.reference_size = len(proj)
         return self
 
     def score(self, prompts: Sequence, progress: bool = False) -> list[MonitorResult]:
+        """One :class:`MonitorResult` per prompt (the reference is fitted first if it was not)."""
         if self.reference_mean is None:
             self.fit_reference(progress=progress)
         prompts = as_prompts(prompts)
+        if not prompts:
+            raise MonitorError("no prompts to monitor")
         proj = self.projections(prompts, progress)
         z = (proj - self.reference_mean) / self.reference_std
         return [MonitorResult(prompt, tuple(
             TraitReading(v.trait, layer, float(proj[i, j]), float(z[i, j]), bool(z[i, j] >= self.threshold))
             for j, (v, layer) in enumerate(zip(self.vectors, self.layers))))
             for i, prompt in enumerate(prompts)]
+
+    def report(self, results: Sequence[MonitorResult]) -> dict:
+        """The monitor's result as one JSON-ready dict: threshold, reference statistics, the number
+        flagged and every prompt's readings (what ``persona-guard monitor --json`` prints).
+
+        Args:
+            results: what :meth:`score` returned.
+        """
+        return {"threshold": self.threshold, "reference_size": self.reference_size,
+                "reference": {v.trait: {"mean": float(m), "std": float(s)} for v, m, s in
+                              zip(self.vectors, self.reference_mean, self.reference_std)},
+                "flagged": sum(r.flagged for r in results), "results": [r.to_dict() for r in results]}

@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 
 from ..errors import SAEError
 from ..core.chat import format_messages
-from ..core.layers import StopForward, capture, resolve_layers, stop_after
+from ..core.forward import forward_until, pad_batch
+from ..core.layers import capture, resolve_layers
 from ..core.models import eval_mode, model_name, weights_fingerprint
 
 
@@ -137,18 +138,9 @@ def residual_batches(model, tokenizer, texts: Sequence[str], layer: int, *, cont
     with eval_mode(model):
         for b in range(0, len(windows), batch_size):
             batch = windows[b:b + batch_size]
-            width = max(len(w[2]) for w in batch)
-            input_ids = torch.zeros((len(batch), width), dtype=torch.long, device=device)
-            mask = torch.zeros_like(input_ids)
-            for row, (_, _, seq) in enumerate(batch):
-                input_ids[row, :len(seq)] = torch.tensor(seq)
-                mask[row, :len(seq)] = 1
-            with capture(model, [layer], position="all", layer_path=layer_path) as acts, \
-                    stop_after(model, layer, layer_path):
-                try:
-                    model(input_ids=input_ids, attention_mask=mask, use_cache=False)
-                except StopForward:
-                    pass
+            input_ids, mask = pad_batch([seq for _, _, seq in batch], 0, device, side="right")
+            with capture(model, [layer], position="all", layer_path=layer_path) as acts:
+                forward_until(model, input_ids, mask, layer, layer_path)
             keep = mask.bool().clone()
             keep[:, 0] = False
             where = [(t, start + pos) for row, (t, start, seq) in enumerate(batch) for pos in range(1, len(seq))]

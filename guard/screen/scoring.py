@@ -31,8 +31,10 @@ from tqdm.auto import tqdm
 
 from ..errors import ScreenError
 from ..core.chat import format_messages
-from ..core.generation import GenerationCache, SamplingConfig, cached_generate, pad_batch
-from ..core.layers import StopForward, capture, stop_after
+from ..core.forward import forward_until, halve_on_oom, pad_batch, plan_batches
+from ..core.generation import GenerationCache, SamplingConfig, cached_generate
+from ..core.layers import capture
+from ..core.readout import ReadKey, Readout
 from ..core.models import cache_dir, eval_mode, model_name, state_fingerprint
 from .samples import Sample
 from ..core.vectors import PersonaVector
@@ -60,44 +62,13 @@ class ScreenConfig:
             raise ScreenError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
 
 
-@dataclass(frozen=True)
-class ScoreKey:
-    """One scored direction: a vector's trait at one layer. ``name`` labels it in reports."""
-
-    trait: str
-    layer: int
-    name: str
+ScoreKey = ReadKey  # one scored direction: a vector's trait at one layer
 
 
 def score_keys(vectors: Sequence[PersonaVector], layers: Sequence[int] | None = None) -> list[ScoreKey]:
     """Each vector at its recommended layer (or at each of ``layers``); names are the trait,
     or ``trait@L<layer>`` when a trait is scored at several layers."""
-    if not vectors:
-        raise ScreenError("no persona vectors given")
-    traits = [v.trait for v in vectors]
-    if len(set(traits)) != len(traits):
-        raise ScreenError(f"two vectors for the same trait ({', '.join(sorted(t for t in traits if traits.count(t) > 1))})")
-    keys = []
-    for vector in vectors:
-        chosen = [vector.resolve_layer(layer) for layer in layers] if layers else [vector.default_layer()]
-        for layer in dict.fromkeys(chosen):
-            keys.append(ScoreKey(vector.trait, layer, vector.trait if len(set(chosen)) == 1 else f"{vector.trait}@L{layer}"))
-    return keys
-
-
-def plan_batches(lengths: Sequence[int], token_budget: int, max_batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches: sorted by length (ties by index), each batch as many rows
-    as fit ``rows x longest <= token_budget``. Deterministic in the lengths alone."""
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    batches, current = [], []
-    for i in order:
-        if current and ((len(current) + 1) * lengths[i] > token_budget or len(current) >= max_batch_size):
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
+    return Readout(vectors, each_at=layers, error=ScreenError).keys
 
 
 def fit_window(prompt: list[int], response: list[int], window: int) -> tuple[list[int], list[int], bool]:
@@ -124,12 +95,8 @@ def project_batch(model, prompts: list[list[int]], responses: list[list[int]], k
     with capture(model, layers, position="response_mean", attention_mask=attn, response_mask=response_mask,
                  layer_path=layer_path) as means, \
             capture(model, layers, position="last_prompt", attention_mask=attn, response_mask=response_mask,
-                    layer_path=layer_path) as lasts, \
-            stop_after(model, max(layers), layer_path):
-        try:
-            model(input_ids=ids, attention_mask=attn, use_cache=False)
-        except StopForward:
-            pass
+                    layer_path=layer_path) as lasts:
+        forward_until(model, ids, attn, max(layers), layer_path)
     # Per layer, one matmul against all of its unit vectors; then columns in key order.
     mean_proj, last_proj = {}, {}
     for layer in layers:
@@ -256,13 +223,11 @@ class Screener:
     def __init__(self, model, tokenizer, vectors: Sequence[PersonaVector], config: ScreenConfig = ScreenConfig(),
                  layers: Sequence[int] | None = None, generation_cache: str | Path | None = None):
         for vector in vectors:
-            vector.check_model(model)
+            vector.ensure_fits(model)
         self.model, self.tokenizer, self.config = model, tokenizer, config
-        self.keys = score_keys(vectors, layers)
-        by_trait = {v.trait: v for v in vectors}
-        self.units: dict[int, torch.Tensor] = {}
-        for layer in sorted({k.layer for k in self.keys}):
-            self.units[layer] = torch.stack([by_trait[k.trait].unit(layer) for k in self.keys if k.layer == layer])
+        readout = Readout(vectors, each_at=layers, layer_path=config.layer_path, error=ScreenError)
+        self.keys = readout.keys
+        self.units: dict[int, torch.Tensor] = readout.units_by_layer()
         window = config.max_length or getattr(getattr(model, "config", None), "max_position_embeddings", None) or 4096
         self.window = int(window)
         self.sampling = SamplingConfig(max_new_tokens=config.max_new_tokens, temperature=0.0)
@@ -278,7 +243,7 @@ class Screener:
                progress: bool) -> tuple[dict[int, list[float]], dict[int, list[float]]]:
         lengths = [len(prompts[i]) + len(responses[i]) for i in usable]
         plan = [[usable[j] for j in batch] for batch in
-                plan_batches(lengths, self.config.token_budget, self.config.max_batch_size)]
+                plan_batches(lengths, self.config.max_batch_size, self.config.token_budget)]
         mean, last = {}, {}
         todo = [(n, batch) for n, batch in enumerate(plan) if not checkpoint or (stage, n) not in checkpoint.done]
         for n, batch in enumerate(plan):
@@ -300,19 +265,13 @@ class Screener:
         return mean, last
 
     def _project(self, batch: list[int], prompts, responses) -> tuple[torch.Tensor, torch.Tensor]:
-        """Project one planned batch; on out-of-memory, in halves (recursively) under the same
-        batch number, so the checkpoint's bookkeeping is unchanged."""
-        try:
-            return project_batch(self.model, [prompts[i] for i in batch], [responses[i] for i in batch],
+        """Project one planned batch; on out-of-memory, in halves under the same batch number, so
+        the checkpoint's bookkeeping is unchanged."""
+        def run(rows):
+            return project_batch(self.model, [prompts[i] for i in rows], [responses[i] for i in rows],
                                  self.keys, self.units, self.config.layer_path)
-        except torch.OutOfMemoryError:
-            if len(batch) == 1:
-                raise
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            half = len(batch) // 2
-            (m1, l1), (m2, l2) = self._project(batch[:half], prompts, responses), self._project(batch[half:], prompts, responses)
-            return torch.cat([m1, m2]), torch.cat([l1, l2])
+
+        return halve_on_oom(run, batch, lambda a, b: (torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]])))
 
     def score(self, samples: Sequence[Sample], *, checkpoint_path: str | Path | None = None, progress: bool = False,
               warn: Callable[[str], None] = lambda message: None) -> ScreenResult:

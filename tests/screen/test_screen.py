@@ -10,7 +10,8 @@ from helpers import make_tiny_model
 from guard.core.chat import format_messages
 from guard.core.layers import find_decoder_layers
 from guard.screen.samples import Sample
-from guard.screen.scoring import (ScreenConfig, ScreenError, Screener, fit_window, flagged, percentile, plan_batches,
+from guard.core.forward import plan_batches
+from guard.screen.scoring import (ScreenConfig, ScreenError, Screener, fit_window, flagged, percentile,
                           resolve_thresholds, set_z_scores)
 from guard.core.vectors import PersonaVector, VectorMismatchError, metadata_for
 

@@ -31,9 +31,6 @@ def snippet(body: bytes | str, limit: int = 200) -> str:
     return text[:limit] + ("..." if len(text) > limit else "")
 
 
-_snippet = snippet  # the name this module used before the helpers were shared
-
-
 def auth_headers(api_key_env: str) -> dict[str, str]:
     """JSON request headers, with ``Authorization: Bearer <key>`` when the environment variable
     ``api_key_env`` is set and non-empty (read now, at call time; local servers need no key)."""
@@ -159,7 +156,7 @@ class OpenAICompatibleJudge:
 
     def _candidates(self, text: str) -> list[tuple[str, float]]:
         def malformed(why: str) -> JudgeError:
-            return JudgeError(f"malformed reply from {self.url} ({why}): {_snippet(text)!r}")
+            return JudgeError(f"malformed reply from {self.url} ({why}): {snippet(text)!r}")
 
         try:
             reply = json.loads(text)

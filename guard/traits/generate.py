@@ -218,13 +218,14 @@ def extract_json(reply: str) -> tuple[dict | None, str | None]:
 
     Code fences and prose around the object are ignored. Where several objects appear, the first
     holding a trait key wins, so an aside like ``{"note": ...}`` or a stray brace in the prose is
-    skipped; when none decodes, the error is the one at the first ``{``.
+    skipped; failing that, the first object at all (validation then names its wrong keys); when
+    none decodes, the error is the one at the first ``{``.
     """
     if not reply or not reply.strip():
         return None, "the reply was empty"
     fenced = [m.group(1) for m in _FENCE.finditer(reply)]
     decoder = json.JSONDecoder()
-    first_error = None
+    first_error = first_object = None
     for text in [*fenced, reply]:
         for match in re.finditer(r"\{", text):
             try:
@@ -235,6 +236,10 @@ def extract_json(reply: str) -> tuple[dict | None, str | None]:
                 continue
             if isinstance(value, dict) and set(value) & set(REQUIRED_KEYS):
                 return value, None
+            if isinstance(value, dict) and first_object is None and first_error is None:
+                first_object = value  # not after a broken "{": that could be an inner object of it
+    if first_object is not None:
+        return first_object, None
     if first_error is not None:
         return None, f"the reply is not valid JSON ({first_error}); reply with one JSON object only"
     return None, "the reply holds no JSON object; reply with one JSON object only"

@@ -13,15 +13,6 @@ from .common import console, emit_json, friendly_errors, load_model_from, model_
 VECTOR = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 
-def parse_threshold_options(values: tuple[str, ...]) -> dict[str | None, str]:
-    """``p95`` / ``2.5`` for every trait, ``evil=p90`` for one."""
-    specs: dict[str | None, str] = {}
-    for value in values:
-        name, _, spec = value.rpartition("=")
-        specs[name or None] = spec
-    return specs
-
-
 @click.command()
 @click.argument("data")
 @click.option("--vector", "vector_paths", type=VECTOR, multiple=True, required=True,
@@ -86,10 +77,11 @@ def screen(data, vector_paths, mode, layers, thresholds, reference, out_dir, kee
             --keep train.clean.jsonl --drop train.flagged.jsonl
         persona-guard screen train.csv --vector v1.safetensors --vector v2.safetensors --mode approx --json
     """
-    from guard.screen.samples import FieldNames, load_samples
-    from guard.screen.scoring import ScreenConfig, Screener, check_thresholds, flagged, resolve_thresholds, set_z_scores
-    from guard.screen.report import trim, write_report
     from guard.core.vectors import PersonaVector
+    from guard.screen.pipeline import parse_threshold_specs, screen as run_screen
+    from guard.screen.report import trim
+    from guard.screen.samples import FieldNames, load_samples
+    from guard.screen.scoring import ScreenConfig
 
     say = progress_log(as_json)
     warn = lambda message: click.echo(f"warning: {message}", err=True)  # noqa: E731
@@ -105,43 +97,13 @@ def screen(data, vector_paths, mode, layers, thresholds, reference, out_dir, kee
     config = ScreenConfig(mode=mode, token_budget=token_budget, max_batch_size=max_batch_size, max_length=max_length,
                           max_new_tokens=max_new_tokens, generation_batch_size=generation_batch_size,
                           layer_path=layer_path)
-    screener = Screener(model, tokenizer, vectors, config, layers=parse_numbers(layers, int, "--layer") if layers else None)
-    threshold_specs = parse_threshold_options(thresholds)
-    check_thresholds(screener.keys, threshold_specs)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    def run(samples, name):
-        checkpoint = out_dir / f"checkpoint-{name}.jsonl"
-        if restart and checkpoint.exists():
-            checkpoint.unlink()
-        return screener.score(samples, checkpoint_path=checkpoint, progress=not as_json, warn=warn)
-
-    result = run(source.samples, "data")
-    ref_result = run(ref_source.samples, "reference") if ref_source else None
-    stats = set_z_scores(result, ref_result)
-    limits = resolve_thresholds(result, threshold_specs, ref_result)
-    over = flagged(result, limits)
-    dropped = sorted(over)
-    kept = [s.index for s in source.samples if s.index not in over]
-    written = {}
-    if keep_path:
-        written["keep"] = str(source.write(keep_path, kept))
-    if drop_path:
-        written["drop"] = str(source.write(drop_path, dropped))
-
-    summary = {
-        "data": str(data), "format": source.format, "samples": len(source.samples), "malformed_skipped": len(source.skipped),
-        "model": result.model, "mode": mode, "base_responses_generated": result.generated,
-        "reference": str(reference) if reference else "the screened data",
-        "traits": {name: {**entry, "reference_mean": stats[name][0], "reference_std": stats[name][1],
-                          "threshold": limits.get(name), "over_threshold": sum(name in v for v in over.values())}
-                   for name, entry in result.dataset_scores().items()},
-        "flags": {flag: sum(flag in s.flags for s in result.samples)
-                  for flag in ("empty_response", "empty_prompt", "truncated", "empty_base_response")},
-        "dropped": len(dropped), "kept": len(kept), "written": written,
-    }
-    paths = write_report(out_dir, result, source.samples, limits, over, summary, ref_result, plots=not no_plots)
-    summary["report"] = {kind: str(path) for kind, path in paths.items()}
+    run = run_screen(source, model, tokenizer, vectors, config,
+                     layers=parse_numbers(layers, int, "--layer") if layers else None,
+                     thresholds=parse_threshold_specs(thresholds), reference=ref_source, out_dir=out_dir,
+                     keep_path=keep_path, drop_path=drop_path, restart=restart, plots=not no_plots,
+                     progress=not as_json, warn=warn)
+    summary, result, limits, paths = run.summary, run.result, run.thresholds, run.report
+    dropped, kept, written = run.dropped, run.kept, run.written
     if as_json:
         emit_json(summary)
         return

@@ -71,10 +71,12 @@ def sae_train(text, layer, out_dir, expansion, k, training_tokens, buffer_tokens
 @click.option("--top", type=click.IntRange(min=1), default=10, show_default=True, help="Latents to list.")
 @click.option("--snippets", type=click.IntRange(min=1), default=3, show_default=True, help="Snippets per latent.")
 @click.option("--max-texts", type=click.IntRange(min=1), default=2000, show_default=True)
+@click.option("--allow-other-weights", is_flag=True,
+              help="Accept a vector extracted from other weights of the same model (a finetune of it).")
 @model_options
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def sae_explain(sae_source, sae_id, vector_path, text_path, layer, top, snippets, max_texts, model_id, dtype, device,
+def sae_explain(sae_source, sae_id, vector_path, text_path, layer, top, snippets, max_texts, allow_other_weights, model_id, dtype, device,
                 layer_path, trust_remote_code, as_json):
     """List the SAE latents most aligned with a persona vector (cosine of their decoder rows
     with the vector at the SAE's layer), with each latent's top-activating snippets."""
@@ -84,8 +86,8 @@ def sae_explain(sae_source, sae_id, vector_path, text_path, layer, top, snippets
     say = progress_log(as_json)
     model, tokenizer, _ = load_model_from(model_id, dtype, device, trust_remote_code, say)
     loaded = load_sae(sae_source, sae_id)
-    layer = check_sae(loaded, model, layer)
-    vector = PersonaVector.load(vector_path, model)
+    layer = check_sae(loaded, model, layer, allow_other_weights=allow_other_weights)
+    vector = PersonaVector.load(vector_path, model, allow_other_weights=allow_other_weights)
     layer = vector.resolve_layer(layer)
     texts = read_texts(text_path, tokenizer)
     found = explain(loaded, vector.layer(layer), model, tokenizer, texts, layer, top=top, snippets=snippets,

@@ -10,6 +10,8 @@ import transformers
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data"
 BENCHMARK_DATA = REPO / "benchmarks" / "data"
+# Extraction options that keep a CLI extraction on a tiny model to a second.
+SMALL = ["--questions", "2", "--pairs", "2", "--max-new-tokens", "4", "--quiet"]
 
 VOCAB = 128
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,

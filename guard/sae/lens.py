@@ -71,16 +71,30 @@ def sae_layer(sae) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def check_sae(sae, model, layer: int | None = None) -> int:
-    """The SAE's layer, after checking it fits ``model`` (width, and the model it was trained on
-    when it says)."""
+def check_sae(sae, model, layer: int | None = None, *, allow_other_weights: bool = False) -> int:
+    """The SAE's layer, after checking it fits ``model``: its width always; the weights it was
+    trained on (when it says) unless ``allow_other_weights`` (a finetune of that model). A model
+    that passes is remembered on the SAE, so later checks of the same pair (inside
+    :func:`guard.harden.hardening.harden`, say) accept it as the first one did.
+
+    Args:
+        sae: a loaded SAE.
+        model: the model it will read.
+        layer: the layer it will be used at (None: the SAE's own).
+        allow_other_weights: accept a model whose weights differ from the SAE's training model.
+    """
     from ..core.layers import hidden_size
 
     if sae.cfg.d_in != hidden_size(model):
         raise SAEError(f"the SAE reads {sae.cfg.d_in}-dimensional activations; the model's are {hidden_size(model)}")
     fingerprint = sae.cfg.metadata.get("persona_guard_fingerprint")
-    if fingerprint and fingerprint != weights_fingerprint(model):
-        raise SAEError(f"the SAE was trained on other weights ({sae.cfg.metadata.get('model_name')})")
+    current = weights_fingerprint(model)
+    accepted = sae.__dict__.setdefault("_persona_guard_accepted", set())
+    if fingerprint and fingerprint != current and not allow_other_weights and current not in accepted:
+        raise SAEError(f"the SAE was trained on other weights ({sae.cfg.metadata.get('model_name')}) than this "
+                       "model's; if this model is a finetune of that one, allow it (allow_other_weights=True, "
+                       "CLI --allow-other-weights)")
+    accepted.add(current)
     found = sae_layer(sae)
     if layer is None:
         if found is None:

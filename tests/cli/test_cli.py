@@ -1,26 +1,10 @@
 import json
 
 import pytest
-from click.testing import CliRunner
 
-from helpers import make_tiny_model
+from helpers import SMALL
+
 from guard.cli.main import main
-
-
-@pytest.fixture
-def runner():
-    return CliRunner()
-
-
-@pytest.fixture
-def tiny_model_dir(tmp_path, smol_tokenizer):
-    model = make_tiny_model("llama", vocab_size=len(smol_tokenizer))
-    model.save_pretrained(tmp_path / "tiny")
-    smol_tokenizer.save_pretrained(tmp_path / "tiny")
-    return tmp_path / "tiny"
-
-
-SMALL = ["--questions", "2", "--pairs", "2", "--max-new-tokens", "4", "--quiet"]
 
 
 def test_help_teaches(runner):
@@ -75,18 +59,6 @@ def test_user_errors_are_one_clean_line(runner, tmp_path):
     assert result.exit_code == 1 and "not a safetensors file" in result.output and "Traceback" not in result.output
     result = runner.invoke(main, ["extract", "--trait", "no-such-trait"])
     assert result.exit_code == 1 and "unknown trait 'no-such-trait'" in result.output
-
-
-@pytest.fixture
-def tiny_vector(runner, tiny_model_dir, tmp_path):
-    out = tmp_path / "syc.safetensors"
-    result = runner.invoke(main, ["extract", "--trait", "sycophancy", "--model", str(tiny_model_dir), "--out", str(out),
-                                  "--json", *SMALL])
-    assert result.exit_code == 0, result.output
-    summary = json.loads(result.stdout)
-    assert summary["recommended_layer"] in (1, 2)  # candidates of a 3-layer model
-    assert set(summary["layer_stats"]["selection"]["effect"]) == {"1", "2"}
-    return out
 
 
 def test_generate_steered_and_compared(runner, tiny_model_dir, tiny_vector):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from _results import machine, write_section  # noqa: E402
+from common import machine, write_section  # noqa: E402
 
 import sycophancy_data  # noqa: E402
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _results import machine, write_section  # noqa: E402
+from common import OUT, machine, write_section  # noqa: E402
 
 from guard.core.forward import prompt_activations  # noqa: E402
 from guard.core.chat import format_prompt  # noqa: E402
@@ -30,7 +30,6 @@ from guard.core.models import load_model  # noqa: E402
 from guard.traits import load_trait  # noqa: E402
 from guard.core.vectors import PersonaVector  # noqa: E402
 
-OUT = Path(__file__).parent / "out"
 N_RANDOM = 20
 
 

@@ -18,8 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _results import machine, write_section  # noqa: E402
-from steering import vector_with_layer  # noqa: E402
+from common import OUT, machine, vector_with_layer, write_section  # noqa: E402
 
 from guard.core.chat import format_messages  # noqa: E402
 from guard.harden.hardening import INSTRUCTIONS, HardenConfig, harden  # noqa: E402
@@ -29,7 +28,6 @@ from guard.sae.lens import SAETrainConfig, explain, save_sae, train_sae  # noqa:
 from guard.traits import list_traits, load_trait  # noqa: E402
 
 HERE = Path(__file__).parent
-OUT = HERE / "out"
 CAA = HERE.resolve().parents[1] / "shared" / "data" / "caa" / "test"
 
 

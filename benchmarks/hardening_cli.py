@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _results import machine, write_section  # noqa: E402
+from common import machine, write_section  # noqa: E402
 from hardening import OUT, corpus, latent_rows  # noqa: E402
-from steering import vector_with_layer  # noqa: E402
+from common import vector_with_layer  # noqa: E402
 
 from guard.core.models import load_model  # noqa: E402
 

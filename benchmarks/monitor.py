@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _results import machine, write_section  # noqa: E402
+from common import machine, write_section  # noqa: E402
 
 from guard.core.data import Prompt  # noqa: E402
 from guard.core.stats import auroc  # noqa: E402

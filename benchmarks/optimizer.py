@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _results import machine, write_section  # noqa: E402
-from steering import vector_with_layer  # noqa: E402
+from common import machine, vector_with_layer, write_section  # noqa: E402
 
 from guard.harden.hardening import away_from, in_context_check, system_slot  # noqa: E402
 from guard.core.layers import capture  # noqa: E402

@@ -23,46 +23,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _results import machine, write_section  # noqa: E402
+from common import OUT, machine, vector_for, write_section  # noqa: E402
 
 from guard.measure.behavior import load_ab_items  # noqa: E402
-from guard.extract.extraction import ExtractionConfig, extract_vector  # noqa: E402
 from guard.core.generation import SamplingConfig  # noqa: E402
 from guard.core.models import load_model  # noqa: E402
 from guard.extract.selection import record_selection, select_layer  # noqa: E402
 from guard.measure.sweep import coefficient_sweep  # noqa: E402
 from guard.traits import load_trait  # noqa: E402
-from guard.core.vectors import PersonaVector, VectorMismatchError  # noqa: E402
 
-OUT = Path(__file__).parent / "out"
 CAA = Path(__file__).resolve().parents[2] / "shared/data/caa/test/{behaviour}/test_dataset_ab.json"
 COEFFS = [-8.0, -6.0, -4.0, -2.0, 0.0, 2.0, 4.0, 6.0, 8.0]
-
-
-def vector_for(model, tokenizer, trait_name: str, log) -> PersonaVector:
-    path = OUT / f"{trait_name}.safetensors"
-    if path.exists():
-        try:
-            return PersonaVector.load(path, model)
-        except VectorMismatchError:
-            log(f"{path} belongs to other weights; extracting again")
-    log(f"extracting {trait_name} (default preset)")
-    vector = extract_vector(model, tokenizer, load_trait(trait_name), ExtractionConfig.preset("default")).vector
-    OUT.mkdir(exist_ok=True)
-    vector.save(path)
-    return vector
-
-
-def vector_with_layer(model, tokenizer, trait_name: str, log) -> PersonaVector:
-    """``vector_for``, with its steering layer selected and stored the first time."""
-    from guard.extract.selection import select_and_record
-
-    vector = vector_for(model, tokenizer, trait_name, log)
-    if vector.meta.recommended_layer is None:
-        log(f"selecting a layer for {trait_name}")
-        select_and_record(model, tokenizer, vector, load_trait(trait_name), log=log)
-        vector.save(OUT / f"{trait_name}.safetensors")
-    return vector
 
 
 def run_trait(model, tokenizer, trait_name: str, log) -> tuple[str, dict]:

@@ -44,28 +44,6 @@ DATASETS = {"evil": (evil_data, ("malicious", "practical")),
             "sycophancy": (sycophancy_data, ("sycophantic", "restatements"))}
 
 
-def get_vector(model, tokenizer, trait_name: str, path: Path, log):
-    from guard import ExtractionConfig, PersonaVector, extract_vector, load_trait
-    from guard.extract.selection import select_and_record
-    from guard.core.vectors import VectorMismatchError
-
-    if path.exists():
-        try:
-            vector = PersonaVector.load(path, model)
-            if vector.meta.recommended_layer is not None:
-                log(f"using {path} (layer {vector.meta.recommended_layer})")
-                return vector
-        except VectorMismatchError:
-            pass
-    log(f"extracting the {trait_name} vector (default preset) and selecting its layer")
-    trait = load_trait(trait_name)
-    vector = extract_vector(model, tokenizer, trait, ExtractionConfig.preset("default")).vector
-    select_and_record(model, tokenizer, vector, trait)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    vector.save(path)
-    return vector
-
-
 def train_once(name: str, conversations, vector, args, steer_coeff: float | None, log) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
@@ -219,11 +197,13 @@ def main(argv=None) -> dict:
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     torch.manual_seed(args.seed)
 
-    from guard import load_model
+    from guard import load_model, load_trait
+    from guard.extract.cached import load_or_extract
 
     started = time.perf_counter()
     model, tokenizer, _ = load_model()
-    vector = get_vector(model, tokenizer, args.trait, args.vector or Path(f"vectors/{args.trait}.safetensors"), log)
+    vector = load_or_extract(args.vector or Path(f"vectors/{args.trait}.safetensors"), model, tokenizer,
+                             load_trait(args.trait), log=log)
     args.drift_layer = vector.resolve_layer(args.drift_layer)
     log(f"drift read at layer {args.drift_layer}; preventative steering at layer {vector.default_layer()}")
     del model

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Protocol, runtime_checkable
 
-from ..errors import JudgeError
+from ..errors import JudgeError  # noqa: F401  (re-exported by guard.judges)
 
 MIN_NUMERIC_MASS = 0.25
 

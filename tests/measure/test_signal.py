@@ -37,7 +37,6 @@ def test_sycophancy_vector_separates_held_out_prompts_before_generation(embedded
 def test_screening_separates_trait_from_normal_responses_without_generation(embedded):
     """Approximation mode on the labelled screening set's evil pairs (written for the benchmark):
     a small evil vector ranks the malicious responses above the normal ones."""
-    from pathlib import Path
 
     from guard.screen.samples import load_samples
     from guard.screen.scoring import ScreenConfig, Screener

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from helpers import make_tiny_model
 from guard.measure.behavior import pairwise_preference
 from guard.core.stats import repetition_rate
 from guard.core.steering import Steering

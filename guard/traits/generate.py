@@ -21,11 +21,11 @@ import os
 import re
 import secrets
 import time
-import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
+from ..core.endpoint import ChatEndpoint, snippet
 from ..errors import TraitError
 from . import REQUIRED_KEYS, Trait, _problems, load_trait, parse_trait
 
@@ -45,7 +45,7 @@ class ChatGenerator(Protocol):
 
 
 # -- generators -------------------------------------------------------------------------------
-class OpenAIChatGenerator:
+class OpenAIChatGenerator(ChatEndpoint):
     """Chats with a model behind ``{base_url}/chat/completions``.
 
     Args:
@@ -67,32 +67,21 @@ class OpenAIChatGenerator:
                  max_retries: int = 4, backoff: float = 1.0, temperature: float | None = None,
                  max_tokens: int | None = None, extra_body: dict | None = None,
                  sleep: Callable[[float], None] = time.sleep):
-        if urllib.parse.urlsplit(base_url).scheme not in ("http", "https"):
-            raise TraitError(f"generator URL {base_url!r} needs a scheme, e.g. http://127.0.0.1:8000/v1")
-        self.url = f"{base_url.rstrip('/')}/chat/completions"
-        self.model = model
-        self.name = f"{model} at {base_url.rstrip('/')}"
-        self.api_key_env = api_key_env
-        self.timeout = timeout
-        self.max_retries = max_retries
-        self.backoff = backoff
+        super().__init__(base_url, model, api_key_env=api_key_env, timeout=timeout, max_retries=max_retries,
+                         backoff=backoff, extra_body=extra_body, sleep=sleep, error=TraitError, what="generator")
+        self.name = f"{model} at {self.base_url}"
         self.temperature = temperature
         self.max_tokens = max_tokens
-        self.extra_body = dict(extra_body or {})
-        self.sleep = sleep
 
     def chat(self, messages: Messages) -> str:
         """The assistant's reply text to ``messages``; raises :class:`TraitError` when the endpoint
         fails or answers something that is not a chat completion."""
-        from ..judges.openai import post_json, snippet
-
-        body = {"model": self.model, "messages": [dict(m) for m in messages], **self.extra_body}
+        body = {"model": self.model, "messages": [dict(m) for m in messages]}
         if self.temperature is not None:
             body["temperature"] = self.temperature
         if self.max_tokens is not None:
             body["max_tokens"] = self.max_tokens
-        text = post_json(self.url, body, api_key_env=self.api_key_env, timeout=self.timeout,
-                         max_retries=self.max_retries, backoff=self.backoff, sleep=self.sleep, error=TraitError)
+        text = self.post(body)
         try:
             content = json.loads(text)["choices"][0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError):

@@ -16,6 +16,16 @@ def format_prompt(tokenizer, user: str, system: str | None = None) -> str:
 
 
 def format_messages(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+    """The prompt text of a conversation through the tokenizer's chat template.
+
+    A template that rejects a leading system message gets it merged into the next turn; a
+    tokenizer with no template gets plain ``Role: content`` lines.
+
+    Args:
+        tokenizer: the tokenizer whose chat template formats the text.
+        messages: ``{"role", "content"}`` dicts in order.
+        add_generation_prompt: end with the assistant's turn opened, ready for the reply.
+    """
     if getattr(tokenizer, "chat_template", None):
         try:
             return tokenizer.apply_chat_template(list(messages), tokenize=False,

@@ -40,8 +40,14 @@ def auth_headers(api_key_env: str) -> dict[str, str]:
 
 
 def retry_delay(attempt: int, retry_after: str | None, backoff: float) -> float:
-    """Seconds to wait before retry ``attempt`` + 1 (0-based ``attempt``): a server's Retry-After in
-    seconds when given, else ``backoff * 2**attempt``; both capped at :data:`MAX_DELAY`."""
+    """Seconds to wait before the next try: a server's Retry-After in seconds when given, else
+    ``backoff * 2**attempt``; both capped at :data:`MAX_DELAY`.
+
+    Args:
+        attempt: the 0-based number of the attempt that just failed.
+        retry_after: the server's Retry-After header, if any.
+        backoff: the first delay in seconds.
+    """
     try:  # Retry-After in seconds wins; an HTTP-date or garbage falls back to backoff
         if retry_after is not None:
             return min(max(float(retry_after), 0.0), MAX_DELAY)
@@ -54,12 +60,16 @@ def post_json(url: str, body: dict, *, api_key_env: str, timeout: float, max_ret
               sleep: Callable[[float], None] = time.sleep, error: type[Exception] = PersonaGuardError) -> str:
     """POST ``body`` as JSON to ``url`` and return the reply body as text.
 
-    Arguments: ``api_key_env`` names the environment variable holding the bearer key (see
-    :func:`auth_headers`); ``timeout`` is seconds per attempt; ``max_retries`` is how many times a
-    transient failure (429, 5xx, timeouts, dropped connections) is retried, waiting
-    :func:`retry_delay` seconds via ``sleep`` in between; ``error`` is the
-    :class:`~guard.errors.PersonaGuardError` subclass raised, at once for any other HTTP error
-    (401/403 name the key variable) and after the last attempt for transient ones.
+    Args:
+        url, body: where to post and what.
+        api_key_env: the environment variable holding the bearer key (see :func:`auth_headers`).
+        timeout: seconds per attempt.
+        max_retries: how many times a transient failure (429, 5xx, timeouts, dropped connections)
+            is retried.
+        backoff: the first retry delay in seconds (see :func:`retry_delay`).
+        sleep: how to wait between attempts.
+        error: the :class:`~guard.errors.PersonaGuardError` subclass raised, at once for any other
+            HTTP error (401/403 name the key variable) and after the last attempt for transient ones.
     """
     data = json.dumps(body).encode()
     attempts = max_retries + 1

@@ -23,19 +23,34 @@ T = TypeVar("T")
 
 
 def encode(tokenizer, texts: list[str]) -> list[list[int]]:
-    """Token ids of already-templated texts (the chat template carries its own special tokens)."""
+    """Token ids of already-templated texts (the chat template carries its own special tokens).
+
+    Args:
+        tokenizer: the tokenizer. texts: the templated texts.
+    """
     return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
 
 
 def encode_chat(tokenizer, conversations: Sequence[Sequence[dict]]) -> list[list[int]]:
-    """Token ids of conversations through the chat template, ending where the reply begins."""
+    """Token ids of conversations through the chat template, ending where the reply begins.
+
+    Args:
+        tokenizer: the tokenizer. conversations: lists of ``{"role", "content"}`` messages.
+    """
     return encode(tokenizer, [format_messages(tokenizer, list(messages)) for messages in conversations])
 
 
 def pad_batch(sequences: list[list[int]], pad_id: int, device, side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
     """``(input_ids, attention_mask)`` of token lists padded to one width: left for generation
     (every row ends where its continuation starts), right for plain forwards (real tokens keep
-    the positions they have when run alone)."""
+    the positions they have when run alone).
+
+    Args:
+        sequences: token id lists, one per row.
+        pad_id: the id written at padded positions (masked out of attention).
+        device: where the returned tensors go.
+        side: ``"left"`` or ``"right"``, where the padding goes.
+    """
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
@@ -129,6 +144,16 @@ def sequence_activations(
 
     Without responses only the prompts are run (use ``position="last"`` for the last prompt
     token). ``position`` is one of :data:`guard.core.layers.READ_POSITIONS` except ``"all"``.
+
+    Args:
+        model: the model.
+        prompt_ids: token ids of each prompt.
+        response_ids: token ids of each prompt's response, appended to it (None: prompts only).
+        layers: the layers to read (None: all; negative indices count from the end).
+        position: how positions are reduced (see :func:`guard.core.layers.reduce_positions`).
+        batch_size: sequences per forward at most.
+        layer_path: the decoder-block list, when auto-discovery needs help.
+        progress, desc: show a progress bar, and its label.
     """
     if position == "all":
         raise ValueError("sequence_activations reduces positions; use guard.core.layers.capture for 'all'")
@@ -165,5 +190,11 @@ def prompt_activations(model, tokenizer, prompts: Sequence[str], **kwargs) -> to
     """Last-prompt-token activations of templated prompt texts: ``(n, n_layers, hidden)``.
 
     This is the pre-generation monitoring statistic: the state right before the reply starts.
+
+    Args:
+        model, tokenizer: the model and its tokenizer.
+        prompts: chat-templated prompt texts, ending where the reply begins.
+        kwargs: passed on to :func:`sequence_activations` (``layers``, ``batch_size``, ``layer_path``,
+            ``progress``, ``desc``; ``position`` is always ``"last"``).
     """
     return sequence_activations(model, encode(tokenizer, list(prompts)), position="last", **kwargs)

@@ -35,7 +35,11 @@ READ_POSITIONS = ("all", "last", "last_prompt", "prompt_mean", "response_mean")
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """Strip DDP/FSDP-style ``.module`` wrappers and PEFT's ``PeftModel`` to the causal LM."""
+    """Strip DDP/FSDP-style ``.module`` wrappers and PEFT's ``PeftModel`` to the causal LM.
+
+    Args:
+        model: the model, wrapped or not (returned as is when it is not).
+    """
     while True:
         if hasattr(model, "get_base_model") and callable(model.get_base_model):
             model = model.get_base_model()
@@ -91,6 +95,13 @@ def _text_config(model: nn.Module):
 
 
 def num_hidden_layers(model: nn.Module, default=...) -> int | None:
+    """The number of decoder blocks, from the (text) config's ``num_hidden_layers``, ``n_layer`` or ``num_layers``.
+
+    Args:
+        model: the model (wrappers are looked through).
+        default: returned when the config names no layer count; left out, the discovered decoder
+            blocks are counted instead.
+    """
     config = _text_config(model)
     for key in ("num_hidden_layers", "n_layer", "num_layers"):
         if isinstance(getattr(config, key, None), int):
@@ -101,6 +112,11 @@ def num_hidden_layers(model: nn.Module, default=...) -> int | None:
 
 
 def hidden_size(model: nn.Module) -> int:
+    """The residual-stream width, from the (text) config, else from the input embeddings.
+
+    Args:
+        model: the model (wrappers are looked through).
+    """
     config = _text_config(model)
     for key in ("hidden_size", "n_embd", "d_model"):
         if isinstance(getattr(config, key, None), int):
@@ -109,7 +125,13 @@ def hidden_size(model: nn.Module) -> int:
 
 
 def resolve_layers(model: nn.Module, layers: Iterable[int] | int | None, layer_path: str | None = None) -> list[int]:
-    """Normalise a layer selection (None = all, negative indices count from the end)."""
+    """Normalise a layer selection (None = all, negative indices count from the end).
+
+    Args:
+        model: the model whose decoder blocks are counted.
+        layers: one layer, several, or None for all; out-of-range ones raise :class:`LayerError`.
+        layer_path: the decoder-block list, when auto-discovery needs help.
+    """
     n = len(find_decoder_layers(model, layer_path))
     if layers is None:
         return list(range(n))
@@ -135,7 +157,14 @@ def _with_hidden(output, hidden: torch.Tensor):
 
 @contextmanager
 def forward_hooks(model: nn.Module, hooks: Mapping[int, Callable], layer_path: str | None = None) -> Iterator[None]:
-    """Register ``hooks[layer](module, args, output)`` on decoder blocks; always removed on exit."""
+    """Register ``hooks[layer](module, args, output)`` on decoder blocks; always removed on exit.
+
+    Args:
+        model: the model.
+        hooks: a forward hook per layer (negative keys count from the end; two keys naming one
+            block raise :class:`LayerError`).
+        layer_path: the decoder-block list, when auto-discovery needs help.
+    """
     blocks = find_decoder_layers(model, layer_path)
     keys = list(hooks)
     indices = resolve_layers(model, keys, layer_path)  # negative keys count from the end
@@ -163,6 +192,13 @@ def reduce_positions(
     the first response token (without a response mask: the last attended token, i.e. the
     position that predicts the first response token). ``prompt_mean`` / ``response_mean``: mean
     over attended prompt / response tokens. Works with left or right padding.
+
+    Args:
+        hidden: ``(batch, seq, d)`` activations.
+        position: one of :data:`READ_POSITIONS`.
+        attention_mask: ``(batch, seq)``, 1 on real tokens (None: every position is real).
+        response_mask: ``(batch, seq)``, 1 on response tokens; needed by ``prompt_mean``,
+            ``response_mean`` and (for its exact meaning) ``last_prompt``.
     """
     if position not in READ_POSITIONS:
         raise ValueError(f"unknown position {position!r}; choose from {', '.join(READ_POSITIONS)}")
@@ -222,6 +258,15 @@ def capture(
     ``(batch, seq)``. Several forwards in one context are concatenated on the batch axis.
     ``detach=False`` keeps the graph (for gradient-based prompt search). The yielded dict is
     filled when the context exits.
+
+    Args:
+        model: the model.
+        layers: the layers to capture (None: all; negative indices count from the end).
+        position: how positions are reduced (see :func:`reduce_positions`).
+        attention_mask, response_mask: ``(batch, seq)`` masks of the forward, as in :func:`reduce_positions`.
+        detach: detach the captured activations from the autograd graph.
+        dtype: what the captured activations are cast to (None: keep the model's dtype).
+        layer_path: the decoder-block list, when auto-discovery needs help.
     """
     layer_ids = resolve_layers(model, layers, layer_path)
     parts: dict[int, list[torch.Tensor]] = {layer: [] for layer in layer_ids}
@@ -257,6 +302,11 @@ def stop_after(model: nn.Module, layer: int, layer_path: str | None = None) -> I
     Reading activations never needs the blocks above the deepest requested layer nor the
     LM head (a fifth of a small model's compute), so callers catch the exception and skip them.
     Register it after any capture hooks on the same block so they run first.
+
+    Args:
+        model: the model.
+        layer: the last decoder block to run (negative indices count from the end).
+        layer_path: the decoder-block list, when auto-discovery needs help.
     """
     def hook(module, args, output):
         raise StopForward
@@ -266,5 +316,10 @@ def stop_after(model: nn.Module, layer: int, layer_path: str | None = None) -> I
 
 
 def active_hook_count(model: nn.Module, layer_path: str | None = None) -> int:
-    """Number of forward hooks on the decoder blocks (for leak checks in tests and callbacks)."""
+    """Number of forward hooks on the decoder blocks (for leak checks in tests and callbacks).
+
+    Args:
+        model: the model.
+        layer_path: the decoder-block list, when auto-discovery needs help.
+    """
     return sum(len(block._forward_hooks) for block in find_decoder_layers(model, layer_path))

@@ -79,13 +79,24 @@ class Readout:
 
     def texts(self, tokenizer, prompts: Sequence) -> list[str]:
         """Chat-templated texts of prompts (strings, conversations or :class:`Prompt`), ending
-        where the reply begins."""
+        where the reply begins.
+
+        Args:
+            tokenizer: the tokenizer whose chat template formats the prompts.
+            prompts: user messages, conversations (lists of messages), records or :class:`Prompt` objects.
+        """
         return [format_messages(tokenizer, p.messages) for p in as_prompts(prompts)]
 
     def last_prompt_activations(self, model, tokenizer, texts: Sequence[str], *, progress: bool = False,
                                 desc: str = "reading") -> dict[int, torch.Tensor]:
         """``{layer: (n, hidden)}`` last-token activations of templated ``texts`` at every distinct
-        layer, from one forward per batch stopped after the deepest of them."""
+        layer, from one forward per batch stopped after the deepest of them.
+
+        Args:
+            model, tokenizer: the model read and its tokenizer.
+            texts: chat-templated prompt texts (see :meth:`texts`).
+            progress, desc: show a progress bar, and its label.
+        """
         if not texts:
             raise LayerError("no prompts to read")
         acts = prompt_activations(model, tokenizer, list(texts), layers=self.distinct_layers,
@@ -93,7 +104,12 @@ class Readout:
         return {layer: acts[:, i] for i, layer in enumerate(self.distinct_layers)}
 
     def project(self, acts: dict[int, torch.Tensor]) -> torch.Tensor:
-        """``(n, n_keys)``: each key's unit projection of the activations at its layer."""
+        """``(n, n_keys)``: each key's unit projection of the activations at its layer.
+
+        Args:
+            acts: ``{layer: (n, hidden)}`` activations covering every layer read, as
+                :meth:`last_prompt_activations` returns them.
+        """
         return torch.stack([acts[layer] @ self.units[j] for j, layer in enumerate(self.layers)], dim=1)
 
     def __call__(self, model, tokenizer, prompts: Sequence[str | dict | Prompt], *, progress: bool = False,

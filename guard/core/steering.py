@@ -150,7 +150,11 @@ class Steering:
         return replace(self, coeff=coeff, description={**self.description, "coeff": coeff})
 
     def random_like(self, seed: int = 0) -> "Steering":
-        """The same steering along random directions of the same norms (the control for any effect)."""
+        """The same steering along random directions of the same norms (the control for any effect).
+
+        Args:
+            seed: seeds the random directions (layers in ascending order get ``seed``, ``seed + 1``, ...).
+        """
         vectors = {}
         for offset, (layer, vec) in enumerate(sorted(self.vectors.items())):
             vectors[layer] = random_directions(1, vec.numel(), float(vec.norm()), seed + offset)[0]
@@ -275,12 +279,28 @@ def steer(model, vector: PersonaVector, layer: int | None = None, coeff: float =
 def add_vectors(model: nn.Module, vectors: Mapping[int, torch.Tensor], coeff: Coeff = 1.0, *,
                 mask=None, gate: Callable[[nn.Module], bool] | None = None, layer_path: str | None = None):
     """Add ``coeff * vectors[layer]`` to each listed block's output (a :class:`Steering` with the
-    ``add`` operator; ``mask`` and ``gate`` as in :meth:`Steering.apply`). A context manager."""
+    ``add`` operator; ``mask`` and ``gate`` as in :meth:`Steering.apply`). A context manager.
+
+    Args:
+        model: the model.
+        vectors: the vector to add per decoder-block index (negative indices count from the end).
+        coeff: the multiplier, or a function read at every forward (a schedule).
+        mask, gate: as in :meth:`Steering.apply` (None: every position, every forward).
+        layer_path: the decoder-block list, when auto-discovery needs help.
+    """
     return Steering(dict(vectors), coeff, operator="add").apply(model, mask=mask, gate=gate, layer_path=layer_path)
 
 
 def project_out(model: nn.Module, directions: Mapping[int, torch.Tensor], strength: float = 1.0, *,
                 gate: Callable[[nn.Module], bool] | None = None, layer_path: str | None = None):
     """Remove ``strength`` times the component along each ``directions[layer]`` from that block's
-    output (a :class:`Steering` with the ``ablate`` operator). A context manager."""
+    output (a :class:`Steering` with the ``ablate`` operator). A context manager.
+
+    Args:
+        model: the model.
+        directions: the direction per decoder-block index (its norm does not matter).
+        strength: how many times the component is removed (1: all of it).
+        gate: as in :meth:`Steering.apply` (None: every forward).
+        layer_path: the decoder-block list, when auto-discovery needs help.
+    """
     return Steering(dict(directions), strength, operator="ablate").apply(model, gate=gate, layer_path=layer_path)

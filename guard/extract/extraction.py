@@ -37,7 +37,11 @@ class ExtractionConfig:
     def preset(cls, name: str) -> "ExtractionConfig":
         """``default``: every question and pair, 1 rollout of up to 96 tokens (about 5 minutes for the
         embedded model on 2 CPU cores). ``fast``: 10 questions, answers of up to 48 tokens (about a
-        minute) that still give a usable direction."""
+        minute) that still give a usable direction.
+
+        Args:
+            name: ``"default"`` or ``"fast"``; anything else raises ``ValueError``.
+        """
         if name == "default":
             return cls()
         if name == "fast":
@@ -84,7 +88,17 @@ def extract_vector(
     progress: bool = False,
     log: Callable[[str], None] = lambda message: None,
 ) -> Extraction:
-    """Generate contrasting answers, filter them, and build the per-layer persona vector."""
+    """Generate contrasting answers, filter them, and build the per-layer persona vector.
+
+    Args:
+        model, tokenizer: the model the vector is extracted from and its tokenizer.
+        trait: the trait, whose instruction pairs and extraction questions are used.
+        config: how many questions, pairs and rollouts, sampling, batch sizes and the layer path.
+        judge: keeps only the answers that pass its trait and coherence rules (see :class:`JudgeFilter`;
+            None: keep every non-empty answer).
+        progress: show progress bars for generation and activation reading.
+        log: called with a line about each stage.
+    """
     pairs = trait.instruction_pairs[: config.max_pairs]
     questions = trait.extraction_questions[: config.max_questions]
     samples: list[Rollout] = []

@@ -53,6 +53,12 @@ class Judge(Protocol):
 
 
 def render_rubric(rubric: str, question: str, answer: str) -> str:
+    """The judge prompt: ``rubric`` with its placeholders filled.
+
+    Args:
+        rubric: a template with ``{question}`` and ``{answer}`` placeholders.
+        question, answer: the question asked and the answer judged.
+    """
     return rubric.format(question=question, answer=answer)
 
 
@@ -93,11 +99,24 @@ class JudgeFilter:
     coherence_rubric: str = COHERENCE_RUBRIC
 
     def trait_ok(self, score: float | None, positive: bool) -> bool:
+        """Whether the trait score passes its threshold (coherence aside).
+
+        Args:
+            score: the judge's trait score (None: unscorable, never passes).
+            positive: the answer was generated under the trait-positive prompt.
+        """
         if score is None:
             return False
         return score > self.pos_threshold if positive else score < self.neg_threshold
 
     def keep(self, score: float | None, positive: bool, coherence: float | None = None) -> bool:
+        """Whether an answer is kept: its trait score passes and, unless the coherence threshold
+        is None, its coherence does too.
+
+        Args:
+            score, positive: as in :meth:`trait_ok`.
+            coherence: the judge's coherence score (None: unscored, dropped when coherence is checked).
+        """
         if self.coherence_threshold is not None and (coherence is None or coherence < self.coherence_threshold):
             return False
         return self.trait_ok(score, positive)
@@ -113,6 +132,10 @@ class CachedJudge:
     Judging is the slow or paid part of extraction and evaluation; rerunning the same answers
     costs nothing. None results are cached too (a refusal stays a refusal). Safe to share
     between threads of one process.
+
+    Args:
+        judge: the judge asked on a cache miss (its ``name`` is part of the key).
+        path: the SQLite file (created, with its folder, if missing).
     """
 
     def __init__(self, judge: Judge, path: str | Path):
@@ -128,10 +151,21 @@ class CachedJudge:
 
     @staticmethod
     def key(name: str, question: str, answer: str, rubric: str) -> str:
+        """The cache key: a SHA-256 hex digest of everything that decides a score.
+
+        Args:
+            name: the judge's name.
+            question, answer, rubric: as in :meth:`Judge.score`.
+        """
         blob = json.dumps([name, rubric, question, answer], ensure_ascii=False)
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def score(self, question: str, answer: str, rubric: str) -> float | None:
+        """The cached score, or the wrapped judge's (then stored).
+
+        Args:
+            question, answer, rubric: as in :meth:`Judge.score`.
+        """
         key = self.key(self.name, question, answer, rubric)
         with self._lock:
             row = self._db.execute("SELECT score FROM scores WHERE key = ?", (key,)).fetchone()

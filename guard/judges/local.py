@@ -19,6 +19,16 @@ from .base import MIN_NUMERIC_MASS, render_rubric, score_from_candidates
 
 
 class LocalJudge:
+    """Scores answers with a local causal LM by reading its distribution over the integers 0-100.
+
+    Args:
+        model, tokenizer: the judge model and its tokenizer.
+        name: the judge's name, which keys the on-disk cache (default: built from the model's name
+            and any non-default ``system`` and ``min_mass``).
+        system: a system prompt for the judge (None: none).
+        min_mass: the least probability the integers must hold for a score (less: None).
+    """
+
     def __init__(self, model, tokenizer, *, name: str | None = None, system: str | None = None,
                  min_mass: float = MIN_NUMERIC_MASS):
         self.model = model
@@ -32,6 +42,12 @@ class LocalJudge:
         self._digit_start: torch.Tensor | None = None
 
     def score(self, question: str, answer: str, rubric: str) -> float | None:
+        """The probability-weighted mean of 0-100 under :meth:`distribution`; None below ``min_mass``.
+
+        Args:
+            question, answer: the question asked and the answer judged.
+            rubric: the template with ``{question}`` and ``{answer}`` placeholders.
+        """
         return score_from_candidates(self.distribution(question, answer, rubric).items(), self.min_mass)
 
     def _number_paths(self, prompt: str) -> dict[int, tuple[int, ...]]:
@@ -58,7 +74,11 @@ class LocalJudge:
 
     @torch.inference_mode()
     def distribution(self, question: str, answer: str, rubric: str) -> dict[int, float]:
-        """Unnormalised P(the judge answers k) for k = 0..100."""
+        """Unnormalised P(the judge answers k) for k = 0..100.
+
+        Args:
+            question, answer, rubric: as in :meth:`score`.
+        """
         prompt = format_prompt(self.tokenizer, render_rubric(rubric, question, answer), self.system)
         prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         paths = self._number_paths(prompt)

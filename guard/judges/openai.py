@@ -21,6 +21,17 @@ class OpenAICompatibleJudge(ChatEndpoint):
 
     The API key is read from the environment variable ``api_key_env`` at call time; when it is
     unset or empty no Authorization header is sent (local servers need none).
+
+    Args:
+        base_url: the endpoint's base URL with scheme, e.g. ``http://127.0.0.1:8000/v1``.
+        model: the endpoint's model name.
+        api_key_env: the environment variable holding the API key.
+        timeout: seconds per request.
+        max_retries: retries of transient failures (429, 5xx, timeouts, dropped connections).
+        backoff: first retry delay in seconds, doubling each time.
+        top_logprobs: how many next-token candidates to ask for (the paper's 20).
+        extra_body: more fields for every request body (they override the judge's own).
+        sleep: how to wait between retries (injectable so tests need not wait).
     """
 
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", timeout: float = 30.0,
@@ -34,6 +45,12 @@ class OpenAICompatibleJudge(ChatEndpoint):
         self._digits_checked = False
 
     def score(self, question: str, answer: str, rubric: str) -> float | None:
+        """The 0-100 score aggregated from one token's top logprobs; None for no usable score.
+
+        Args:
+            question, answer: the question asked and the answer judged.
+            rubric: the template with ``{question}`` and ``{answer}`` placeholders.
+        """
         body = {"model": self.model, "messages": [{"role": "user", "content": render_rubric(rubric, question, answer)}],
                 "max_tokens": 1, "temperature": 0, "logprobs": True, "top_logprobs": self.top_logprobs, "seed": 0}
         candidates = self._candidates(self.post(body))

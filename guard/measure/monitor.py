@@ -76,12 +76,23 @@ class PromptMonitor:
         self.reference_size = 0
 
     def projections(self, prompts: Sequence, progress: bool = False) -> torch.Tensor:
-        """``(n_prompts, n_vectors)`` last-prompt-token projections on the unit vectors."""
+        """``(n_prompts, n_vectors)`` last-prompt-token projections on the unit vectors.
+
+        Args:
+            prompts: user messages, conversations (lists of messages), records or :class:`Prompt` objects.
+            progress: show a progress bar.
+        """
         return self.readout(self.model, self.tokenizer, prompts, progress=progress, desc="monitoring")
 
     def fit_reference(self, prompts: Sequence | None = None, progress: bool = False) -> "PromptMonitor":
         """Set the z-score reference: ordinary prompts (default: the evaluation questions of every
-        vector's shipped trait, together, asked with no system prompt)."""
+        vector's shipped trait, together, asked with no system prompt).
+
+        Args:
+            prompts: at least two reference prompts, in any form :meth:`projections` takes (None: the
+                default above; a trait that is not shipped then raises :class:`MonitorError`).
+            progress: show a progress bar.
+        """
         if prompts is None:
             try:
                 prompts = evaluation_prompts(v.trait for v in self.vectors)
@@ -96,7 +107,12 @@ class PromptMonitor:
         return self
 
     def score(self, prompts: Sequence, progress: bool = False) -> list[MonitorResult]:
-        """One :class:`MonitorResult` per prompt (the reference is fitted first if it was not)."""
+        """One :class:`MonitorResult` per prompt (the reference is fitted first if it was not).
+
+        Args:
+            prompts: the prompts to score, in any form :meth:`projections` takes.
+            progress: show progress bars.
+        """
         if self.reference_mean is None:
             self.fit_reference(progress=progress)
         prompts = as_prompts(prompts)

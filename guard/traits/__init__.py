@@ -45,7 +45,11 @@ class Example:
 
 def split_examples(examples) -> tuple[list, list]:
     """(selection, held-out): alternate items, so both halves cover the whole list. Fewer than
-    four cannot be split usefully; both halves are then all of them (see :attr:`TraitSplit.overlap`)."""
+    four cannot be split usefully; both halves are then all of them (see :attr:`TraitSplit.overlap`).
+
+    Args:
+        examples: the items to split, in order (any iterable).
+    """
     examples = list(examples)
     if len(examples) < 4:
         return examples, examples
@@ -92,6 +96,11 @@ class Trait:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
     def judge_prompt(self, question: str, answer: str) -> str:
+        """The trait's judge rubric with its placeholders filled.
+
+        Args:
+            question, answer: the question asked and the answer judged.
+        """
         return self.judge_rubric.format(question=question, answer=answer)
 
     def split(self, seed: int = 0) -> TraitSplit:
@@ -171,7 +180,13 @@ def _problems(data) -> list[str]:
 
 
 def parse_trait(data, source: str = "<dict>", shipped: bool = False) -> Trait:
-    """Validate a trait mapping and build a :class:`Trait`; raises :class:`TraitError` listing all problems."""
+    """Validate a trait mapping and build a :class:`Trait`; raises :class:`TraitError` listing all problems.
+
+    Args:
+        data: the trait mapping, as read from a trait JSON file.
+        source: where it came from, for error messages and :attr:`Trait.source`.
+        shipped: also hold it to the minimum counts of shipped traits (:data:`SHIPPED_MINIMUMS`).
+    """
     problems = _problems(data)
     if shipped and not problems:
         problems += [f"{key!r} has {len(data[key])} entries; shipped traits need at least {n}"
@@ -207,7 +222,11 @@ def list_traits() -> list[str]:
 
 
 def load_trait(name_or_path: str | Path) -> Trait:
-    """Load a shipped trait by name, or a user trait from a JSON file path."""
+    """Load a shipped trait by name, or a user trait from a JSON file path.
+
+    Args:
+        name_or_path: a shipped trait's name (see :func:`list_traits`) or the path of an existing ``.json`` file.
+    """
     path = Path(name_or_path)
     shipped = False
     if path.suffix != ".json" or not path.exists():

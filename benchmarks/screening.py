@@ -34,12 +34,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _results import machine, write_section  # noqa: E402
-from steering import vector_with_layer  # noqa: E402
+from common import machine, vector_with_layer, write_section  # noqa: E402
 
 from guard.core.chat import format_messages  # noqa: E402
 from guard.core.generation import GenerationCache, SamplingConfig, cached_generate, pad_batch  # noqa: E402
-from guard.core.stats import auroc  # noqa: E402
+from guard.core.stats import Estimate, auroc, auroc_ci  # noqa: E402
 from guard.core.models import load_model  # noqa: E402
 from guard.screen.samples import load_samples  # noqa: E402
 from guard.screen.scoring import ScreenConfig, Screener, plan_batches  # noqa: E402
@@ -53,10 +52,24 @@ def vectors_with_layers(model, tokenizer, log):
     return [vector_with_layer(model, tokenizer, name, log) for name in TRAITS]
 
 
-def _auroc(result, name, field, idx, labels):
+def _scores(result, name, field, idx, labels):
     pos = [result.samples[i].scores[name][field] for i in idx if labels[i] == 1]
     neg = [result.samples[i].scores[name][field] for i in idx if labels[i] == 0]
-    return auroc(torch.tensor(pos), torch.tensor(neg))
+    return pos, neg
+
+
+def _auroc(result, name, field, idx, labels) -> float:
+    return auroc(*_scores(result, name, field, idx, labels))
+
+
+def _auroc_ci(result, name, field, idx, labels) -> Estimate:
+    """AUROC of trait vs normal responses with its stratified bootstrap 95% CI (classes resampled apart)."""
+    return auroc_ci(*_scores(result, name, field, idx, labels))
+
+
+def _cell(estimate: Estimate) -> str:
+    """``0.812 [0.70, 0.90]``: the AUROC and its 95% CI."""
+    return f"{estimate.value:.3f} [{estimate.low:.2f}, {estimate.high:.2f}]"
 
 
 def separation(model, tokenizer, vectors, samples, labels, traits, pair_ids, max_new_tokens, log):
@@ -80,17 +93,23 @@ def separation(model, tokenizer, vectors, samples, labels, traits, pair_ids, max
         rec = vector.default_layer()
         name = lambda layer: f"{trait}@L{layer}"  # noqa: E731
         chosen = max(range(n_layers), key=lambda layer: _auroc(result, name(layer), "delta_p", val, labels))
-        entry = {"recommended_layer": rec, "reading_layer": chosen}
+        entry, cells = {"recommended_layer": rec, "reading_layer": chosen}, {}
+
+        def record(key, layer, field, subset):
+            estimate = _auroc_ci(result, name(layer), field, subset, labels)
+            entry[key], entry[f"{key}_ci"] = estimate.value, estimate.to_dict()
+            cells[key] = _cell(estimate)
+
         for field in ("delta_p", "approx", "projection"):
-            entry[f"{field}@recommended"] = _auroc(result, name(rec), field, idx, labels)
-            entry[f"{field}@reading_test"] = _auroc(result, name(chosen), field, test, labels)
-        entry["delta_p_other_traits"] = _auroc(result, name(rec), "delta_p", others, labels)
+            record(f"{field}@recommended", rec, field, idx)
+            record(f"{field}@reading_test", chosen, field, test)
+        record("delta_p_other_traits", rec, "delta_p", others)
         entry["delta_p_by_layer"] = [_auroc(result, name(layer), "delta_p", idx, labels) for layer in range(n_layers)]
         numbers[trait] = entry
-        rows.append(f"| {trait} | {rec} | {len(idx) // 2} | {entry['delta_p@recommended']:.3f} | "
-                    f"{entry['approx@recommended']:.3f} | {entry['projection@recommended']:.3f} | {chosen} | "
-                    f"{entry['delta_p@reading_test']:.3f} | {entry['approx@reading_test']:.3f} | "
-                    f"{entry['projection@reading_test']:.3f} | {entry['delta_p_other_traits']:.3f} |")
+        rows.append(f"| {trait} | {rec} | {len(idx) // 2} | {cells['delta_p@recommended']} | "
+                    f"{cells['approx@recommended']} | {cells['projection@recommended']} | {chosen} | "
+                    f"{cells['delta_p@reading_test']} | {cells['approx@reading_test']} | "
+                    f"{cells['projection@reading_test']} | {cells['delta_p_other_traits']} |")
         log(f"{trait}: {entry}")
     return rows, numbers
 
@@ -225,7 +244,9 @@ def main(argv=None) -> None:
         f"({sep['seconds']:.0f} s including generation). AUROC of trait vs normal responses within each trait's "
         "samples: at the vector's recommended layer (chosen for steering, all 36 pairs), and at a reading layer "
         "chosen by ΔP AUROC on the even-numbered pairs and reported on the odd-numbered ones (18 pairs). The last "
-        "column ranks the *other* traits' pairs with this vector at its recommended layer (a control).",
+        "column ranks the *other* traits' pairs with this vector at its recommended layer (a control). Brackets: "
+        "95% CIs from a stratified bootstrap (trait and normal responses resampled apart, 2000 resamples); an AUROC "
+        "whose CI contains 0.5 does not separate better than chance.",
         "", "| trait | rec. layer | pairs | ΔP | approx. | raw proj. | reading layer | ΔP (test half) | approx. "
         "(test half) | raw proj. (test half) | ΔP on other traits |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *sep_rows, "",

@@ -9,38 +9,38 @@ from rich.table import Table
 
 from .common import (build_judge, console, emit_json, friendly_errors, judge_options, load_model_from, model_options,
                      parse_numbers, progress_log)
+from .checks import FINITE
+from .evaluate import difference_cell
 
 VECTOR = click.Path(exists=True, dir_okay=False, path_type=Path)
-
-
-def _load_vector(path, model, allow_other_weights):
-    from guard.core.vectors import PersonaVector
-
-    return PersonaVector.load(path, model, allow_other_weights=allow_other_weights)
 
 
 # -- generate -----------------------------------------------------------------------------
 @click.command()
 @click.option("--prompt", "prompts", multiple=True, help="A user message (repeat for several).")
 @click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="A file of prompts: .jsonl (prompt / messages per line) or text (one per line).")
+              help="A file of prompts: .jsonl (prompt / messages per line), .csv (a prompt/question/text "
+                   "column) or text (one per line).")
 @click.option("--system", default=None, help="System prompt for --prompt messages.")
 @click.option("--vector", "vector_path", type=VECTOR, default=None, help="Persona vector file to steer with.")
 @click.option("--layer", type=int, default=None, help="Layer to steer at. Default: the vector's recommended layer.")
-@click.option("--coeff", type=float, default=4.0, show_default=True,
+@click.option("--coeff", type=FINITE, default=4.0, show_default=True,
               help="Steering coefficient, in units of the raw vector (negative steers away from the trait).")
 @click.option("--positions", type=click.Choice(["all", "response"]), default="response", show_default=True,
               help="Steer every position, or only the reply (from the last prompt token on).")
 @click.option("--compare", is_flag=True, help="Also generate without steering, side by side.")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=96, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=96, show_default=True,
+              help="Length cap of each reply, in tokens.")
 @click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed (with --temperature above 0).")
 @click.option("--allow-other-weights", is_flag=True, help="Use a vector extracted from another version of the weights.")
 @model_options
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress messages.")
 @friendly_errors
 def generate(prompts, prompts_file, system, vector_path, layer, coeff, positions, compare, max_new_tokens,
-             temperature, seed, allow_other_weights, model_id, dtype, device, layer_path, trust_remote_code, as_json):
+             temperature, seed, allow_other_weights, model_id, dtype, device, layer_path, trust_remote_code, as_json,
+             quiet):
     """Generate replies, optionally steered along a persona vector.
 
     \b
@@ -57,16 +57,23 @@ def generate(prompts, prompts_file, system, vector_path, layer, coeff, positions
     from guard.core.generation import SamplingConfig, encode, generate as run_generation
     from guard.core.steering import Steering
 
-    items = [Prompt.from_user(p, system) for p in prompts] + (load_prompts(prompts_file) if prompts_file else [])
+    from guard.core.vectors import PersonaVector
+    from guard.errors import DataFileError
+
+    from_file = load_prompts(prompts_file, skip_option=None) if prompts_file else []
+    if prompts_file and not from_file:
+        raise DataFileError(f"--prompts {prompts_file} holds no prompts; add some, one per line")
+    items = [Prompt.from_user(p, system) for p in prompts] + from_file
     if not items:
         raise click.UsageError("give at least one --prompt or a --prompts file")
     if not vector_path and (compare or layer is not None):
         raise click.UsageError(f"{'--compare' if compare else '--layer'} needs a --vector")
-    model, tokenizer, _ = load_model_from(model_id, dtype, device, trust_remote_code, progress_log(as_json))
-    steering = None
-    if vector_path:
-        steering = Steering.from_vector(_load_vector(vector_path, model, allow_other_weights), layer, coeff, positions,
-                                        layer_path)
+    # The vector is read and its layer checked before the model loads; it is checked against the model after.
+    vector = PersonaVector.load(vector_path) if vector_path else None
+    steering = Steering.from_vector(vector, layer, coeff, positions, layer_path) if vector else None
+    model, tokenizer, _ = load_model_from(model_id, dtype, device, trust_remote_code, progress_log(as_json or quiet))
+    if vector is not None:
+        vector.check_model(model, allow_other_weights=allow_other_weights)
     ids = encode(tokenizer, [format_messages(tokenizer, p.messages) for p in items])
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
 
@@ -98,7 +105,8 @@ def generate(prompts, prompts_file, system, vector_path, layer, coeff, positions
 @click.argument("vector_path", type=VECTOR)
 @click.option("--coeffs", default="-8,-4,-2,0,2,4,8", show_default=True, help="Comma-separated coefficients.")
 @click.option("--layer", type=int, default=None, help="Layer to steer at. Default: the vector's recommended layer.")
-@click.option("--positions", type=click.Choice(["all", "response"]), default="all", show_default=True)
+@click.option("--positions", type=click.Choice(["all", "response"]), default="all", show_default=True,
+              help="Steer every position, or only the reply (from the last prompt token on).")
 @click.option("--pairs", "pair_split", type=click.Choice(["held-out", "selection", "all"]), default="held-out",
               show_default=True, help="Which of the trait's example pairs to score (layer selection uses 'selection').")
 @click.option("--trait", "trait_name", default=None, help="Trait whose examples to use. Default: the vector's trait.")
@@ -106,16 +114,18 @@ def generate(prompts, prompts_file, system, vector_path, layer, coeff, positions
               help="Also report the A/B behaviour rate on a CAA / model-written-evals file (JSON or JSONL).")
 @click.option("--generate", "n_generate", type=click.IntRange(min=0), default=0, show_default=True,
               help="Also answer the first N evaluation questions greedily: repetition rate, and judge scores.")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=48, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=48, show_default=True,
+              help="Length cap of the --generate answers, in tokens.")
 @click.option("--no-random", is_flag=True, help="Skip the random-direction control.")
 @click.option("--allow-other-weights", is_flag=True, help="Use a vector extracted from another version of the weights.")
 @model_options
 @judge_options
 @click.option("--json", "as_json", is_flag=True, help="Print the sweep as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress messages.")
 @friendly_errors
 def sweep(vector_path, coeffs, layer, positions, pair_split, trait_name, ab_path, n_generate, max_new_tokens,
           no_random, allow_other_weights, model_id, dtype, device, layer_path, trust_remote_code, judge_model,
-          judge_url, judge_key_env, judge_cache, as_json):
+          judge_url, judge_key_env, judge_cache, as_json, quiet):
     """Trait effect and coherence of steering, per coefficient.
 
     Judge-free by default: the trait metric is the pairwise-preference gap on the trait's
@@ -127,18 +137,22 @@ def sweep(vector_path, coeffs, layer, positions, pair_split, trait_name, ab_path
     """
     from guard.measure.behavior import load_ab_items
     from guard.core.generation import SamplingConfig
+    from guard.core.vectors import PersonaVector
     from guard.measure.sweep import coefficient_sweep
-    from guard.traits import load_trait
 
-    say = progress_log(as_json)
+    from .checks import trait_for_vector
+
+    say = progress_log(as_json or quiet)
     coefficients = parse_numbers(coeffs, float, "--coeffs")
     if (judge_model or judge_url) and not n_generate:
         raise click.UsageError("a judge scores generated answers: add --generate N")
     ab_items = load_ab_items(ab_path) if ab_path else None
+    vector = PersonaVector.load(vector_path)  # read (and its layer checked) before any model loads
+    vector.resolve_layer(layer)
+    trait = trait_for_vector(vector.trait, trait_name)
     judge = build_judge(judge_model, judge_url, judge_key_env, judge_cache, device, dtype)
     model, tokenizer, _ = load_model_from(model_id, dtype, device, trust_remote_code, say)
-    vector = _load_vector(vector_path, model, allow_other_weights)
-    trait = load_trait(trait_name or vector.trait)
+    vector.check_model(model, allow_other_weights=allow_other_weights)
     split = trait.split()
     pairs = {"held-out": list(split.heldout_examples), "selection": list(split.selection_examples), "all": list(trait.examples)}[pair_split]
     if not pairs:
@@ -170,24 +184,35 @@ def sweep(vector_path, coeffs, layer, positions, pair_split, trait_name, ab_path
     for point in points:
         table.add_row(*[cell(point) for _, cell in columns])
     console.print(table)
+    # The intervals in a table of their own, so the main one keeps fitting the screen.
+    intervals = Table(title=f"trait gap with 95% bootstrap CIs over the {len(pairs)} pairs")
+    intervals.add_column("coeff", justify="right")
+    intervals.add_column("trait gap [95% CI]", justify="right", no_wrap=True)
+    if not no_random:
+        intervals.add_column("minus random [95% CI, paired]", justify="right", no_wrap=True)
+    for point in points:
+        intervals.add_row(f"{point.coeff:+g}", point.trait_gap_ci.format() if point.trait_gap_ci else "-",
+                          *([] if no_random else [difference_cell(point.gap_vs_random)]))
+    console.print(intervals)
 
 
 # -- select-layer -------------------------------------------------------------------------
 @click.command("select-layer")
 @click.argument("vector_path", type=VECTOR)
 @click.option("--layers", default=None, help="Candidate layers, e.g. 6-24:2 or 10,12,14. Default: 20%-80% of the depth.")
-@click.option("--coeff", type=float, default=None, help="Steering coefficient used for every layer. [default: 4]")
-@click.option("--max-coherence-drop", type=float, default=None,
+@click.option("--coeff", type=FINITE, default=None, help="Steering coefficient used for every layer. [default: 4]")
+@click.option("--max-coherence-drop", type=FINITE, default=None,
               help="Largest allowed fall of the answers' log-likelihood, nats/token. [default: 0.25]")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the updated vector here instead of updating the file in place.")
 @click.option("--trait", "trait_name", default=None, help="Trait (name or file) whose examples to use. Default: the vector's trait.")
 @click.option("--allow-other-weights", is_flag=True, help="Use a vector extracted from another version of the weights.")
 @model_options
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the selection (effect and coherence drop per layer) as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress messages.")
 @friendly_errors
 def select_layer(vector_path, layers, coeff, max_coherence_drop, out_path, trait_name, allow_other_weights, model_id,
-                 dtype, device, layer_path, trust_remote_code, as_json):
+                 dtype, device, layer_path, trust_remote_code, as_json, quiet):
     """Choose the layer to steer and monitor at, and store it in the vector file.
 
     Steers each candidate layer with the same coefficient (as the paper does) and keeps the
@@ -195,16 +220,22 @@ def select_layer(vector_path, layers, coeff, max_coherence_drop, out_path, trait
     pairs) among those whose coherence drop stays within the limit. Every other command then
     uses this layer unless given --layer.
     """
+    from guard.core.vectors import PersonaVector
     from guard.extract.selection import MAX_COHERENCE_DROP, SELECTION_COEFF, select_and_record
-    from guard.traits import load_trait
 
-    say = progress_log(as_json)
+    from .checks import trait_for_vector, writable_file
+
+    say = progress_log(as_json or quiet)
     candidates = parse_numbers(layers, int, "--layers") if layers else None
-    model, tokenizer, _ = load_model_from(model_id, dtype, device, trust_remote_code, say)
-    vector = _load_vector(vector_path, model, allow_other_weights)
+    # Everything the arguments say is checked before the model loads.
+    writable_file(out_path or vector_path, "--out" if out_path else "VECTOR_PATH (updated in place)")
+    vector = PersonaVector.load(vector_path)
     if candidates and not all(-vector.num_layers <= layer < vector.num_layers for layer in candidates):
         raise click.BadParameter(f"the vector has layers 0-{vector.num_layers - 1}", param_hint="--layers")
-    selection = select_and_record(model, tokenizer, vector, load_trait(trait_name or vector.trait), layers=candidates,
+    trait = trait_for_vector(vector.trait, trait_name)
+    model, tokenizer, _ = load_model_from(model_id, dtype, device, trust_remote_code, say)
+    vector.check_model(model, allow_other_weights=allow_other_weights)
+    selection = select_and_record(model, tokenizer, vector, trait, layers=candidates,
                                   coeff=SELECTION_COEFF if coeff is None else coeff,
                                   max_coherence_drop=MAX_COHERENCE_DROP if max_coherence_drop is None
                                   else max_coherence_drop, layer_path=layer_path, log=say)
@@ -213,11 +244,13 @@ def select_layer(vector_path, layers, coeff, max_coherence_drop, out_path, trait
         emit_json({"path": str(target), **selection.to_dict()})
         return
     table = Table(title=f"{vector.trait}: steering by {selection.coeff:g} x v on {selection.n_pairs} pairs")
-    for name in ("layer", "trait effect", "coherence drop", ""):
+    for name in ("layer", "trait effect [95% CI, paired]", "coherence drop", ""):
         table.add_column(name, justify="right")
     for layer in selection.effect:
         ok = selection.coherence_drop[layer] <= selection.max_coherence_drop
-        table.add_row(str(layer), f"{selection.effect[layer]:+.3f}", f"{selection.coherence_drop[layer]:+.3f}",
+        effect = (difference_cell(selection.effect_ci[layer]) if layer in selection.effect_ci
+                  else f"{selection.effect[layer]:+.3f}")
+        table.add_row(str(layer), effect, f"{selection.coherence_drop[layer]:+.3f}",
                       ("<- recommended" if layer == selection.layer else "") + ("" if ok else " too incoherent"))
     console.print(table)
     console.print(f"recommended layer {selection.layer} written to {target}")

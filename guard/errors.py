@@ -67,3 +67,7 @@ class HardenError(PersonaGuardError, ValueError):
 
 class SAEError(PersonaGuardError, ValueError):
     """An SAE cannot be loaded, trained or used as asked."""
+
+
+class EvaluationError(PersonaGuardError, ValueError):
+    """An evaluation cannot run as asked (no conditions, clashing names, a judge with nothing to judge)."""

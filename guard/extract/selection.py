@@ -9,9 +9,10 @@ recommended layer, which every command then uses by default.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
+from ..core.stats import Estimate, paired_difference
 from ..core.steering import Steering
 from ..core.vectors import PersonaVector
 from ..errors import SelectionError
@@ -23,6 +24,10 @@ MAX_COHERENCE_DROP = 0.25  # nats/token lost on the pair answers; past ~0.5 Smol
 
 @dataclass
 class LayerSelection:
+    """The chosen layer and what every candidate measured. ``effect_ci`` holds, per layer, the
+    effect as a paired difference over the pairs (steered gap minus unsteered gap) with its
+    bootstrap CI; the rule picks on ``effect`` and does not read it."""
+
     layer: int
     coeff: float
     max_coherence_drop: float
@@ -30,11 +35,16 @@ class LayerSelection:
     coherence_drop: dict[int, float]  # loglik(0) - loglik(+coeff) per layer
     gated: bool  # False when no layer stayed within the coherence limit (the least damaging was taken)
     n_pairs: int
+    effect_ci: dict[int, Estimate] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         data = asdict(self)
         data["effect"] = {str(k): round(v, 5) for k, v in self.effect.items()}
         data["coherence_drop"] = {str(k): round(v, 5) for k, v in self.coherence_drop.items()}
+        data["effect_ci"] = {
+            str(k): {**{f: round(x, 5) if isinstance(x, float) else x for f, x in e.to_dict().items()},
+                     "verdict": e.verdict()}
+            for k, e in self.effect_ci.items()}
         data["metric"] = "pairwise_preference"
         return data
 
@@ -59,19 +69,22 @@ def select_layer(
     if not layers:
         raise SelectionError("no candidate layers to select from")
     base = pairwise_preference(model, tokenizer, pairs, batch_size=batch_size)
-    effect, drop = {}, {}
+    effect, drop, effect_ci = {}, {}, {}
     for layer in layers:
         steered = pairwise_preference(model, tokenizer, pairs, batch_size=batch_size,
                                       steering=Steering.from_vector(vector, layer, coeff, positions, layer_path))
         effect[layer] = steered.mean_gap - base.mean_gap
         drop[layer] = base.mean_loglik - steered.mean_loglik
+        # Paired over the same pairs; a measurement without per-pair gaps (a stand-in metric) gets none.
+        if getattr(steered, "gaps", None) is not None and getattr(base, "gaps", None) is not None:
+            effect_ci[layer] = paired_difference(steered.gaps, base.gaps)
         log(f"layer {layer}: effect {effect[layer]:+.3f}, coherence drop {drop[layer]:+.3f}")
     acceptable = [layer for layer in layers if drop[layer] <= max_coherence_drop]
     if acceptable:
         best = max(acceptable, key=lambda layer: effect[layer])
     else:
         best = min(layers, key=lambda layer: drop[layer])
-    return LayerSelection(best, coeff, max_coherence_drop, effect, drop, bool(acceptable), len(pairs))
+    return LayerSelection(best, coeff, max_coherence_drop, effect, drop, bool(acceptable), len(pairs), effect_ci)
 
 
 def record_selection(vector: PersonaVector, selection: LayerSelection) -> None:

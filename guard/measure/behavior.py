@@ -111,6 +111,15 @@ def pairwise_preference(model, tokenizer, pairs, *, system: str | None = None, s
     ``pairs`` holds :class:`guard.traits.Example` objects or ``(question, trait, non_trait)``
     tuples. Answers are tokenized on their own and appended to the prompt's tokens, without an
     end-of-turn token (it would reward short answers for ending, not for their content).
+
+    Args:
+        model, tokenizer: the model scored and its tokenizer.
+        pairs: the example pairs (see above).
+        system: a system prompt for every question (None: none).
+        steering: a :class:`~guard.core.steering.Steering` applied while scoring (its "response"
+            positions are the answer tokens), or None.
+        batch_size: sequences per forward (each pair gives two).
+        progress: show a progress bar.
     """
     triples = [_as_triple(p) for p in pairs]
     if not triples:
@@ -191,6 +200,14 @@ def ab_behavior_rate(model, tokenizer, items: Sequence[ABItem], *, system: str |
     Softmax over the whole vocabulary, so ``mass`` shows how much of it goes to the answer
     letters at all. Under a "response" steering the prefilled ``"("`` (and the token before it)
     are steered.
+
+    Args:
+        model, tokenizer: the model measured and its tokenizer.
+        items: the :class:`ABItem` questions with their matching and not-matching letters.
+        system: a system prompt for every question (None: none).
+        steering: a :class:`~guard.core.steering.Steering` applied while reading, or None.
+        batch_size: items per forward.
+        progress: show a progress bar.
     """
     if not items:
         raise ValueError("no A/B items given")

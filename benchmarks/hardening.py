@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -55,7 +54,7 @@ def table(report) -> list[str]:
     rows = ["| condition | prompt | target | projection vs none | trait preference gap | neutral log-lik | perplexity |",
             "|---|---|---:|---:|---:|---:|---:|"]
     for c in report.conditions:
-        ppl = "-" if c.prompt_xent is None else f"{math.exp(c.prompt_xent):.0f}"
+        ppl = c.perplexity
         prompt = "(none)" if not c.prompt else "`" + json.dumps(c.prompt)[1:-1].replace("|", "\\|") + "`"
         rows.append(f"| {c.name} | {prompt} | {c.target:+.3f} | {c.projection_shift:+.3f} | {c.preference_gap:+.3f} | "
                     f"{c.neutral_loglik:.3f} | {ppl} |")

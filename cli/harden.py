@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import click
@@ -132,7 +131,7 @@ def harden(vector_path, trait_name, layer, ab_path, sae_source, sae_id, sae_frac
         table.add_column(column, justify="left" if column in ("condition", "prompt") else "right",
                          max_width=48 if column == "prompt" else None, overflow="fold")
     for c in report.conditions:
-        ppl = "-" if c.prompt_xent is None or math.isnan(c.prompt_xent) else f"{math.exp(c.prompt_xent):.0f}"
+        ppl = c.perplexity
         gap = c.estimates["preference_gap"].format() if "preference_gap" in c.estimates else f"{c.preference_gap:+.3f}"
         neutral = (c.estimates["neutral_loglik"].format() if "neutral_loglik" in c.estimates
                    else f"{c.neutral_loglik:.3f}")

@@ -192,6 +192,13 @@ class ConditionReport:
     estimates: dict[str, Estimate] = field(default_factory=dict)
     vs_none: dict[str, Estimate] = field(default_factory=dict)
 
+    @property
+    def perplexity(self) -> str:
+        """The prompt's perplexity as a table cell (``-`` for no prompt)."""
+        if self.prompt_xent is None or math.isnan(self.prompt_xent):
+            return "-"
+        return f"{math.exp(self.prompt_xent):.0f}"
+
 
 def _with_verdicts(comparisons: dict) -> dict:
     return {k: {**e.to_dict(), "verdict": e.verdict()} for k, e in comparisons.items()}
@@ -265,7 +272,7 @@ class HardenReport:
                  f"trait preference gap [{level} CI] | neutral log-lik [{level} CI] | prompt perplexity |",
                  "|---|---|---:|---:|---:|---:|---:|---:|"]
         for c in self.conditions:
-            ppl = "-" if c.prompt_xent is None or math.isnan(c.prompt_xent) else f"{math.exp(c.prompt_xent):.0f}"
+            ppl = c.perplexity
             prompt = "(none)" if not c.prompt else json.dumps(c.prompt, ensure_ascii=False)
             lines.append(f"| {c.name} | {prompt} | {c.target:+.3f} | {c.projection:+.3f} | {c.projection_shift:+.3f} | "
                          f"{ci(c, 'preference_gap', c.preference_gap, '+.3f')} | "

@@ -2,8 +2,8 @@
 
 Runs the same LoRA SFT steps (TRL SFTTrainer, same data, same seed) in one process: a short
 untimed warm-up, then alternately without the callback and with it at its default settings
-(every 50 steps, the sycophancy evaluation questions as probes, plus the base reference at
-train begin), twice each, so warm-up and drift in machine speed do not favour either side.
+(a reading on every logging step, here every 50 steps, the sycophancy evaluation questions as
+probes, plus the base reference at train begin), twice each, so warm-up and drift in machine speed do not favour either side.
 Reports the ratio of training wall times per pair and overall, and the time spent in probes as
 the callback itself measured it (the part of the difference that is the callback's own work).
 
@@ -25,7 +25,7 @@ from common import machine, write_section  # noqa: E402
 import sycophancy_data  # noqa: E402
 
 from guard import PersonaVector, load_model  # noqa: E402
-from guard.callbacks import PersonaDriftCallback  # noqa: E402
+from guard.callbacks import PersonaDriftCallback, attach  # noqa: E402
 
 
 def run(steps: int, batch_size: int, callbacks, out: str) -> float:
@@ -34,14 +34,15 @@ def run(steps: int, batch_size: int, callbacks, out: str) -> float:
     from trl import SFTConfig, SFTTrainer
 
     model, tokenizer, _ = load_model()
-    conversations = sycophancy_data.build(0)["sycophantic"]
+    conversations = sycophancy_data.build(0)["trait"]
     config = SFTConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=1e-4,
-                       logging_steps=10, save_strategy="no", report_to="none", use_cpu=True, bf16=False,
+                       logging_steps=50, save_strategy="no", report_to="none", use_cpu=True, bf16=False,
                        activation_checkpointing=False, seed=0, max_length=96, disable_tqdm=True)
     trainer = SFTTrainer(model=model, args=config, processing_class=tokenizer,
                          train_dataset=Dataset.from_dict({"messages": conversations}),
                          peft_config=LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"]),
                          callbacks=callbacks)
+    attach(trainer)
     started = time.perf_counter()
     trainer.train()
     return time.perf_counter() - started
@@ -79,8 +80,8 @@ def main():
         f"Command: `.venv/bin/python benchmarks/drift_overhead.py --steps {args.steps} --batch-size {args.batch_size}` "
         f"on {machine()}.", "",
         f"The same {args.steps} LoRA SFT steps (TRL SFTTrainer, batch {args.batch_size}, the demo's sycophantic data, "
-        "seed 0) in one process, without and with PersonaDriftCallback at its defaults (25 probe prompts, every 50 "
-        "steps, plus the base reference at train begin and a final measurement).", "", text]))
+        "seed 0) in one process, without and with PersonaDriftCallback at its defaults (25 probe prompts, on every "
+        "logging step: every 50 steps, plus the base reference at train begin and a final measurement).", "", text]))
 
 
 if __name__ == "__main__":

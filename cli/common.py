@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 
 import click
 from rich.console import Console
@@ -14,15 +15,29 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+INTERRUPTED = "interrupted; this command does not resume, so rerunning it starts over"
+
+
 def friendly_errors(func):
     """Turn our own errors (:class:`guard.errors.PersonaGuardError`, whose messages are written for
-    users) into one clean line and exit status 1; anything else is a bug and keeps its traceback."""
+    users) into one clean line and exit status 1; anything else is a bug and keeps its traceback.
+    An interrupt (Ctrl-C, SIGINT) is one line on stderr and exit status 130: the
+    KeyboardInterrupt's own message if a command raised one that says what a rerun does (see
+    ``screen``), else :data:`INTERRUPTED`.
+
+    Args:
+        func: the command's callback.
+    """
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
         except PersonaGuardError as exc:
             raise click.ClickException(str(exc)) from exc
+        except KeyboardInterrupt as exc:
+            message = exc.args[0] if exc.args and isinstance(exc.args[0], str) else INTERRUPTED
+            click.echo(f"\n{message}", err=True)
+            sys.exit(130)
     return wrapper
 
 
@@ -31,18 +46,43 @@ def emit_json(data) -> None:
 
 
 def progress_log(quiet: bool):
-    """A logger for progress messages on stderr, silent with --quiet or --json."""
-    return (lambda message: None) if quiet else (lambda message: err_console.print(f"[dim]{message}[/dim]"))
+    """A logger for progress messages on stderr, silent with --quiet or --json. Quiet also turns
+    off transformers' own progress bars ("Loading weights"), so --quiet leaves stderr to warnings
+    and errors.
+
+    Args:
+        quiet: the command's ``--quiet or --json``.
+    """
+    if quiet:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+        return lambda message: None
+    return lambda message: err_console.print(f"[dim]{message}[/dim]")
+
+
+_DEVICE_MAP = "persona_guard.device_map"
+
+
+def _keep_device_map(ctx, param, value):
+    # Kept on the click context rather than passed to every command: load_model_from reads it.
+    ctx.meta[_DEVICE_MAP] = value
+    return value
 
 
 def model_options(func):
-    """--model, --dtype, --device, --layer-path, --trust-remote-code."""
+    """--model, --dtype, --device, --device-map, --layer-path, --trust-remote-code."""
     options = [
         click.option("--model", "model_id", default=None,
                      help="Hugging Face hub id or local directory. Default: the embedded SmolLM2-135M-Instruct."),
-        click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
-                     show_default=True),
-        click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda:0."),
+        click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+                     show_default=True,
+                     help="auto: float32 on CPU; on a GPU the checkpoint's half precision (bfloat16 where supported)."),
+        click.option("--device", default="auto", show_default=True,
+                     help="torch device, e.g. cuda:0; auto: CUDA, then MPS, then CPU."),
+        click.option("--device-map", default=None, expose_value=False, callback=_keep_device_map,
+                     help="Spread a large model over devices (transformers' device_map, e.g. auto; needs accelerate). "
+                          "Instead of --device."),
         click.option("--layer-path", default=None,
                      help="Dotted path of the decoder-block ModuleList when auto-discovery fails (e.g. model.layers)."),
         click.option("--trust-remote-code", is_flag=True, help="Allow the model repository's own Python code to run."),
@@ -53,10 +93,21 @@ def model_options(func):
 
 
 def load_model_from(model_id, dtype, device, trust_remote_code, log=lambda message: None):
-    from guard.core.models import load_model
+    """Load the model the options describe (``--device-map`` read from the click context).
 
+    Args:
+        model_id, dtype, device, trust_remote_code: the option values.
+        log: progress messages.
+    """
+    from guard.core.models import input_device, load_model
+
+    context = click.get_current_context(silent=True)
+    device_map = context.meta.get(_DEVICE_MAP) if context is not None else None
     log(f"loading {model_id or 'the embedded SmolLM2-135M-Instruct'}")
-    return load_model(model_id, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    loaded = load_model(model_id, dtype=dtype, device=device, device_map=device_map,
+                        trust_remote_code=trust_remote_code)
+    log(f"on {input_device(loaded.model)} in {loaded.model.dtype}".replace("torch.", ""))
+    return loaded
 
 
 def judge_options(func):
@@ -92,6 +143,8 @@ def parse_numbers(text: str, kind=float, option: str = "") -> list:
                 values += list(range(low, high + 1, step))
             elif part:
                 values.append(kind(part))
+                if values[-1] != values[-1] or values[-1] in (float("inf"), float("-inf")):
+                    raise ValueError  # NaN or infinity: no coefficient or layer means anything there
         except ValueError:
             raise click.BadParameter(f"cannot read {part!r} in {text!r}", param_hint=option or None) from None
     if not values:
@@ -105,6 +158,10 @@ def build_judge(judge_model, judge_url, judge_key_env, judge_cache, device="cpu"
     from guard.judges import CachedJudge, LocalJudge, OpenAICompatibleJudge
     from guard.core.models import load_model
 
+    from .checks import writable_file
+
+    if judge_cache and (judge_url or judge_model):
+        writable_file(judge_cache, "--judge-cache")
     if judge_url:
         if not judge_model:
             raise click.UsageError("--judge-url needs --judge-model (the endpoint's model name)")

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
+from .checks import FINITE
 from .common import console, emit_json, friendly_errors, load_model_from, model_options, progress_log
 
 
@@ -22,14 +23,17 @@ def sae():
               help="Directory for the SAE (sae-lens format: sae_weights.safetensors + cfg.json).")
 @click.option("--expansion", type=click.IntRange(min=1), default=8, show_default=True, help="Latents per model dimension.")
 @click.option("--k", type=click.IntRange(min=1), default=32, show_default=True, help="Active latents per token (TopK).")
-@click.option("--training-tokens", type=click.IntRange(min=1), default=300_000, show_default=True)
+@click.option("--training-tokens", type=click.IntRange(min=1), default=300_000, show_default=True,
+              help="Activations the SAE trains on (revisiting the buffer when it is smaller).")
 @click.option("--buffer-tokens", type=click.IntRange(min=1), default=100_000, show_default=True,
               help="Activations collected and kept in memory; more training tokens revisit them.")
-@click.option("--batch-tokens", type=click.IntRange(min=1), default=1024, show_default=True)
-@click.option("--lr", type=float, default=5e-4, show_default=True)
-@click.option("--context-size", type=click.IntRange(min=2), default=128, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--quiet", is_flag=True)
+@click.option("--batch-tokens", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Activations per optimisation step.")
+@click.option("--lr", type=FINITE, default=5e-4, show_default=True, help="Learning rate.")
+@click.option("--context-size", type=click.IntRange(min=2), default=128, show_default=True,
+              help="Tokens per window the text is cut into.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds initialisation and shuffling.")
+@click.option("--quiet", is_flag=True, help="No progress bars or messages.")
 @model_options
 @click.option("--json", "as_json", is_flag=True, help="Print the training statistics as JSON.")
 @friendly_errors
@@ -44,6 +48,10 @@ def sae_train(text, layer, out_dir, expansion, k, training_tokens, buffer_tokens
     """
     from guard.sae.lens import SAETrainConfig, read_texts, save_sae, train_sae
 
+    from .checks import distinct_outputs, writable_dir
+
+    writable_dir(out_dir, "--out")  # before minutes of training
+    distinct_outputs({"--out": out_dir}, {"TEXT": text})
     say = progress_log(quiet or as_json)
     model, tokenizer, _ = load_model_from(model_id, dtype, device, trust_remote_code, say)
     texts = read_texts(text, tokenizer)
@@ -64,30 +72,38 @@ def sae_train(text, layer, out_dir, expansion, k, training_tokens, buffer_tokens
 @sae.command("explain")
 @click.option("--sae", "sae_source", required=True, help="SAE directory, or a sae-lens release with --sae-id.")
 @click.option("--sae-id", default=None, help="SAE id within a sae-lens release.")
-@click.option("--vector", "vector_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True)
+@click.option("--vector", "vector_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="Persona vector file to compare the SAE's latents with.")
 @click.option("--text", "text_path", type=click.Path(exists=True, path_type=Path), required=True,
               help="Text to find top-activating snippets in (same formats as `sae train`).")
 @click.option("--layer", type=int, default=None, help="Default: the SAE's layer.")
 @click.option("--top", type=click.IntRange(min=1), default=10, show_default=True, help="Latents to list.")
 @click.option("--snippets", type=click.IntRange(min=1), default=3, show_default=True, help="Snippets per latent.")
-@click.option("--max-texts", type=click.IntRange(min=1), default=2000, show_default=True)
+@click.option("--max-texts", type=click.IntRange(min=1), default=2000, show_default=True,
+              help="Texts of --text searched for snippets at most.")
 @click.option("--allow-other-weights", is_flag=True,
               help="Accept a vector extracted from other weights of the same model (a finetune of it).")
 @model_options
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the latents and their snippets as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress messages.")
 @friendly_errors
 def sae_explain(sae_source, sae_id, vector_path, text_path, layer, top, snippets, max_texts, allow_other_weights, model_id, dtype, device,
-                layer_path, trust_remote_code, as_json):
+                layer_path, trust_remote_code, as_json, quiet):
     """List the SAE latents most aligned with a persona vector (cosine of their decoder rows
     with the vector at the SAE's layer), with each latent's top-activating snippets."""
     from guard.sae.lens import check_sae, explain, load_sae, read_texts
     from guard.core.vectors import PersonaVector
 
-    say = progress_log(as_json)
+    say = progress_log(as_json or quiet)
+    vector = PersonaVector.load(vector_path)  # read, and --layer checked, before the model loads
+    if layer is not None:
+        vector.resolve_layer(layer)
     model, tokenizer, _ = load_model_from(model_id, dtype, device, trust_remote_code, say)
-    loaded = load_sae(sae_source, sae_id)
+    from guard.core.models import input_device
+
+    loaded = load_sae(sae_source, sae_id, device=input_device(model))  # where its activations are
     layer = check_sae(loaded, model, layer, allow_other_weights=allow_other_weights)
-    vector = PersonaVector.load(vector_path, model, allow_other_weights=allow_other_weights)
+    vector.check_model(model, allow_other_weights=allow_other_weights)
     layer = vector.resolve_layer(layer)
     texts = read_texts(text_path, tokenizer)
     found = explain(loaded, vector.layer(layer), model, tokenizer, texts, layer, top=top, snippets=snippets,

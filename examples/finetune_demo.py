@@ -50,7 +50,7 @@ def train_once(name: str, conversations, vector, args, steer_coeff: float | None
     from trl import SFTConfig, SFTTrainer
 
     from guard import load_model
-    from guard.callbacks import PersonaDriftCallback, PreventativeSteeringCallback
+    from guard.callbacks import PersonaDriftCallback, PreventativeSteeringCallback, attach
 
     from guard.measure.drift import DriftProbe
 
@@ -80,6 +80,7 @@ def train_once(name: str, conversations, vector, args, steer_coeff: float | None
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"])
     trainer = SFTTrainer(model=model, args=config, processing_class=tokenizer, peft_config=lora,
                          train_dataset=as_data(train), eval_dataset=as_data(held_out), callbacks=callbacks)
+    attach(trainer)  # the callbacks log through trainer.log, so TensorBoard gets the readings
     started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started

@@ -130,18 +130,104 @@ def _strip_quantization_marker(model) -> None:
     model.quantization_method = None
 
 
+_TRUE = {"1", "ON", "YES", "TRUE"}
+
+
 def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    """huggingface_hub's own offline switch (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``). The
+    hub reads the variables once, when it is imported; they are read again here, so setting one
+    later in the process still counts."""
+    from huggingface_hub import constants
+
+    now = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return bool(constants.HF_HUB_OFFLINE) or now.strip().upper() in _TRUE
 
 
-def _resolve_dtype(dtype) -> torch.dtype:
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``"auto"`` (or None): CUDA when available, then Apple MPS, then the CPU; anything else as
+    torch reads it (``"cuda:1"``, ``torch.device("cpu")``).
+
+    Args:
+        device: ``"auto"``, None, a device string or a ``torch.device``.
+    """
+    if device is None or device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ModelLoadError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
+
+
+def auto_dtype(device: torch.device, checkpoint_dtype: torch.dtype | None = None) -> torch.dtype:
+    """The dtype ``"auto"`` means on ``device``: float32 off CUDA (half precision on a CPU is
+    slow and loses accuracy); on CUDA the checkpoint's half-precision dtype, and bfloat16 for a
+    float32 (or unknown) checkpoint, where the GPU supports bfloat16, else float16 for a float16
+    checkpoint and float32 otherwise.
+
+    Args:
+        device: where the model will run.
+        checkpoint_dtype: the dtype the checkpoint says it was saved in, if known.
+    """
+    if device.type != "cuda":
+        return torch.float32
+    bf16 = torch.cuda.is_bf16_supported()
+    if checkpoint_dtype == torch.float16:
+        return torch.float16
+    if checkpoint_dtype in (torch.bfloat16, torch.float32, None):
+        return torch.bfloat16 if bf16 else torch.float32
+    return checkpoint_dtype
+
+
+def _resolve_dtype(dtype, device: torch.device | None = None, checkpoint_dtype=None) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        return auto_dtype(device if device is not None else torch.device("cpu"), checkpoint_dtype)
     try:
-        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+        return DTYPES[dtype]
     except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16") from None
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16") from None
+
+
+def _checkpoint_dtype(source, options: dict) -> torch.dtype | None:
+    """The dtype in the checkpoint's config (``dtype``, formerly ``torch_dtype``), or None."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source, **options)
+    except (OSError, ValueError):
+        return None  # from_pretrained below reports it properly
+    found = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(found, str):
+        found = DTYPES.get(found) or getattr(torch, found, None)
+    return found if isinstance(found, torch.dtype) else None
+
+
+def _device_of_map(device_map) -> torch.device:
+    """Where a ``device_map`` puts the model, for choosing the dtype: its first device, or the
+    first accelerator for the named strategies (``auto``, ``balanced``, ...)."""
+    if isinstance(device_map, dict):
+        first = next(iter(device_map.values()), "cpu")
+        return torch.device(f"cuda:{first}" if isinstance(first, int) else first)
+    if isinstance(device_map, int):
+        return torch.device(f"cuda:{device_map}")
+    if isinstance(device_map, str) and device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return resolve_device("auto")
+    return resolve_device(device_map)
+
+
+def input_device(model) -> torch.device:
+    """The device a model's inputs go to (its input embeddings'), also under a ``device_map``."""
+    return model.get_input_embeddings().weight.device
 
 
 def load_model(
@@ -149,20 +235,35 @@ def load_model(
     *,
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
+    device_map: str | dict | None = None,
     revision: str | None = None,
     trust_remote_code: bool = False,
     hub_cache_dir: str | os.PathLike | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer.
 
-    ``model`` is a hub id, a local directory, or None for the embedded SmolLM2-135M-Instruct.
-    Hub ids are read from the Hugging Face cache (``hub_cache_dir``, default the standard one)
-    when they are there, and fetched only otherwise.
+    Args:
+        model: a hub id, a local directory, or None for the embedded SmolLM2-135M-Instruct. Hub ids
+            are read from the Hugging Face cache (``hub_cache_dir``, default the standard one) when
+            they are there, and fetched only otherwise (never in offline mode).
+        dtype: ``"float32"``, ``"bfloat16"``, ``"float16"``, a ``torch.dtype``, or ``"auto"``
+            (see :func:`auto_dtype`: float32 on CPU, bfloat16 on GPUs that support it).
+        device: a device, or ``"auto"`` (CUDA, then MPS, then CPU; see :func:`resolve_device`).
+        device_map: passed to ``from_pretrained`` (e.g. ``"auto"`` to spread a large model over the
+            GPUs and the CPU; needs ``accelerate``); the model then stays where it puts it. Give it
+            instead of ``device``.
+        revision: hub revision. trust_remote_code: let the repository's own code run.
+        hub_cache_dir: the Hugging Face cache to read.
+
     The tokenizer always has a pad token (the EOS token when the model defines none).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch_dtype = _resolve_dtype(dtype)
+    if device_map is not None and device not in (None, "auto", "cpu"):
+        raise ModelLoadError(f"give a device ({device}) or a device_map ({device_map}), not both")
+    target = _device_of_map(device_map) if device_map is not None else resolve_device(device)
+    if device_map is not None and importlib.util.find_spec("accelerate") is None:
+        raise ModelLoadError("device_map needs the accelerate package: pip install accelerate")
     if model is None:
         source, name, kwargs = embedded_model_dir(), EMBEDDED_NAME, {}
     else:
@@ -175,10 +276,14 @@ def load_model(
                                  "or a Hugging Face hub id")
         if not Path(source).is_dir():
             kwargs["local_files_only"] = _offline() or _in_hub_cache(source, revision, hub_cache_dir)
+    saved_dtype = _checkpoint_dtype(source, kwargs) if dtype == "auto" and target.type == "cuda" else None
+    torch_dtype = _resolve_dtype(dtype, target, saved_dtype)
+    placement = {"device_map": device_map} if device_map is not None else {}
+
     def from_pretrained(**extra):
         options = {**kwargs, **extra}
         return (AutoTokenizer.from_pretrained(source, **options),
-                AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **options))
+                AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **placement, **options))
 
     try:
         try:
@@ -205,7 +310,8 @@ def load_model(
         lm.config._name_or_path = name
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    lm.to(device)
+    if device_map is None:
+        lm.to(target)
     lm.eval()
     return LoadedModel(lm, tokenizer, name)
 

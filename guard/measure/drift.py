@@ -125,3 +125,37 @@ class DriftProbe:
             shifts.append(TraitShift(vector.trait, layer, shift, shift / max(norm, 1e-12), float(current[layer] @ unit),
                                      float(along_random.mean()), float(along_random.max())))
         return shifts
+
+    # Appended for the training callbacks' checkpoints; uses only set_reference's outputs (base),
+    # random, layers, norms and texts.
+    def state_dict(self) -> dict:
+        """What a resumed run needs to keep measuring against the same reference: the base means
+        (``{layer: tensor}``), the random directions, and the layers, vector norms and a digest of
+        the probe set they belong to (to check on load)."""
+        if self.base is None:
+            raise RuntimeError("set_reference(base model) must run before state_dict()")
+        import hashlib
+
+        digest = hashlib.sha256("\x00".join(self.texts).encode()).hexdigest()[:16]
+        return {"layers": list(self.layers), "norms": list(self.norms), "texts_sha256": digest,
+                "base": {int(layer): t.detach().cpu().clone() for layer, t in self.base.items()},
+                "random": [t.detach().cpu().clone() for t in self.random]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Take the reference of :meth:`state_dict` instead of calling :meth:`set_reference`.
+
+        Args:
+            state: a dict from :meth:`state_dict` (the probe set digest is not checked here: ranks
+                of a distributed run may probe different shards).
+
+        Raises ValueError when it was written for other vectors or layers."""
+        if list(state["layers"]) != list(self.layers):
+            raise ValueError(f"the saved drift reference is for layers {list(state['layers'])}, not {self.layers}")
+        if any(abs(a - b) > 1e-4 * max(abs(b), 1.0) for a, b in zip(state["norms"], self.norms)) \
+                or len(state["norms"]) != len(self.norms):
+            raise ValueError("the saved drift reference belongs to other persona vectors (their norms differ)")
+        random = [t.to(torch.float32) for t in state["random"]]
+        if [tuple(t.shape) for t in random] != [tuple(t.shape) for t in self.random]:
+            raise ValueError("the saved random directions do not match n_random or the hidden size")
+        self.random = random
+        self.base = {int(layer): t for layer, t in state["base"].items()}

@@ -45,10 +45,12 @@ def _sae_lens():
     return sae_lens
 
 
-def load_sae(source: str | Path, sae_id: str | None = None, device: str = "cpu"):
+def load_sae(source: str | Path, sae_id: str | None = None, device: str | torch.device = "cpu"):
     """An inference SAE from a directory saved by sae-lens, or ``source`` = a sae-lens release
-    (registry name or HF repo) with ``sae_id``."""
+    (registry name or HF repo) with ``sae_id``, on ``device`` (give the model's:
+    ``guard.core.models.input_device(model)``)."""
     sae_lens = _sae_lens()
+    device = str(device)
     path = Path(source)
     if path.is_dir():
         if not (path / "cfg.json").exists():
@@ -127,7 +129,7 @@ def read_texts(source: str | Path, tokenizer=None, field: str = "text") -> list[
         raise DataFileError(f"{path}: no such file or directory")
     if path.suffix == ".jsonl":
         texts = []
-        for number, record in read_jsonl(path, "fail"):
+        for number, record in read_jsonl(path, "fail", skip_option=None):  # no command skips corpus lines
             if isinstance(record, dict) and isinstance(record.get(field), str):
                 texts.append(record[field])
             elif isinstance(record, dict) and isinstance(record.get("messages"), list) and tokenizer is not None:
@@ -179,9 +181,11 @@ class SAETrainConfig:
 
 
 def train_sae(model, tokenizer, texts: Sequence[str], layer: int, config: SAETrainConfig = SAETrainConfig(), *,
-              layer_path: str | None = None, progress: bool = False, log: Callable[[str], None] = lambda m: None):
+              layer_path: str | None = None, progress: bool = False, log: Callable[[str], None] = lambda m: None,
+              device: str | torch.device | None = None):
     """Train a TopK SAE on ``layer``'s residual stream over ``texts``; returns ``(sae, stats)``
-    with the inference SAE and reconstruction statistics on held-out tokens."""
+    with the inference SAE and reconstruction statistics on held-out tokens. It trains on
+    ``device``, by default where the layer's activations are (the model's device)."""
     sae_lens = _sae_lens()
     from sae_lens.config import LoggingConfig, SAETrainerConfig
 
@@ -197,6 +201,8 @@ def train_sae(model, tokenizer, texts: Sequence[str], layer: int, config: SAETra
         if total >= config.max_buffer_tokens:
             break
     buffer = torch.cat(chunks)[:config.max_buffer_tokens]
+    device = torch.device(device) if device is not None else buffer.device
+    buffer = buffer.to(device)
     if len(buffer) < 2 * config.batch_tokens:
         raise SAEError(f"only {len(buffer)} tokens of activations; need at least {2 * config.batch_tokens} "
                        "(give more text or a smaller batch)")
@@ -213,11 +219,11 @@ def train_sae(model, tokenizer, texts: Sequence[str], layer: int, config: SAETra
                 yield train[perm[start:start + config.batch_tokens]]
 
     d_in = buffer.shape[1]
-    sae_cfg = sae_lens.TopKTrainingSAEConfig(d_in=d_in, d_sae=d_in * config.expansion, k=config.k, device="cpu",
+    sae_cfg = sae_lens.TopKTrainingSAEConfig(d_in=d_in, d_sae=d_in * config.expansion, k=config.k, device=str(device),
                                              normalize_activations="expected_average_only_in")
     sae = sae_lens.TopKTrainingSAE(sae_cfg)
     trainer_cfg = SAETrainerConfig(total_training_samples=config.training_tokens, train_batch_size_samples=config.batch_tokens,
-                                   lr=config.lr, lr_end=config.lr, device="cpu", logger=LoggingConfig(log_to_wandb=False),
+                                   lr=config.lr, lr_end=config.lr, device=str(device), logger=LoggingConfig(log_to_wandb=False),
                                    n_batches_for_norm_estimate=min(100, len(train) // config.batch_tokens),
                                    dead_feature_window=max(1, config.training_tokens // config.batch_tokens // 4),
                                    feature_sampling_window=max(1, config.training_tokens // config.batch_tokens // 4))
@@ -233,7 +239,7 @@ def train_sae(model, tokenizer, texts: Sequence[str], layer: int, config: SAETra
         trained = trainer.fit()
     finally:
         trainer_module.tqdm, scaler_module.tqdm = bars
-    inference = _to_inference(trained)
+    inference = _to_inference(trained, device)
     meta = inference.cfg.metadata
     meta["hook_name"] = f"persona_guard.layer.{layer}"
     meta["persona_guard_layer"] = layer
@@ -246,19 +252,20 @@ def train_sae(model, tokenizer, texts: Sequence[str], layer: int, config: SAETra
     return inference, stats
 
 
-def _to_inference(training_sae):
-    """The inference SAE of a trained one, through sae-lens's own save/load pair."""
+def _to_inference(training_sae, device="cpu"):
+    """The inference SAE of a trained one (on ``device``), through sae-lens's own save/load pair."""
     import tempfile
 
     sae_lens = _sae_lens()
     with tempfile.TemporaryDirectory() as tmp:
         training_sae.save_inference_model(tmp)
-        return sae_lens.SAE.load_from_disk(tmp, device="cpu")
+        return sae_lens.SAE.load_from_disk(tmp, device=str(device))
 
 
 @torch.no_grad()
 def reconstruction_stats(sae, acts: torch.Tensor) -> dict:
     """Fraction of variance explained, mean L0 and the fraction of latents never active."""
+    acts = acts.to(sae.W_enc.device)
     z = sae.encode(acts)
     recon = sae.decode(z)
     residual = ((acts - recon) ** 2).sum()
@@ -283,7 +290,8 @@ def select_latents(sae, trait_acts: torch.Tensor, non_trait_acts: torch.Tensor,
     Σ w·z pushes trait latents down and non-trait latents up (the paper's "away" target)."""
     if not 0 < fraction <= 1:
         raise SAEError(f"fraction must be in (0, 1], got {fraction}")
-    diff = sae.encode(trait_acts).mean(0) - sae.encode(non_trait_acts).mean(0)
+    device = sae.W_enc.device
+    diff = sae.encode(trait_acts.to(device)).mean(0) - sae.encode(non_trait_acts.to(device)).mean(0)
     count = max(1, int(round(fraction * diff.numel())))
     idx = diff.abs().topk(count).indices
     return idx, -diff[idx]
@@ -292,8 +300,9 @@ def select_latents(sae, trait_acts: torch.Tensor, non_trait_acts: torch.Tensor,
 def latent_objective(sae, idx: torch.Tensor, weights: torch.Tensor):
     """SAEGA's target for EPO: Σ_k w_k · z_k(h)."""
     def objective(h: torch.Tensor) -> torch.Tensor:
-        z = sae.encode(h.to(sae.W_enc.dtype))
-        return (z[:, idx] * weights.to(z)).sum(-1).to(h.dtype)
+        # On the SAE's device and dtype, back on the activation's (autograd follows the moves).
+        z = sae.encode(h.to(device=sae.W_enc.device, dtype=sae.W_enc.dtype))
+        return (z[:, idx.to(z.device)] * weights.to(z)).sum(-1).to(device=h.device, dtype=h.dtype)
     return objective
 
 
@@ -304,12 +313,13 @@ def explain(sae, direction: torch.Tensor, model, tokenizer, texts: Sequence[str]
     """The ``top`` latents by |cosine| between their decoder row and ``direction``, each with its
     ``snippets`` highest-activating contexts in ``texts`` (the activating token in [brackets])."""
     dec = sae.W_dec.detach().float()
-    cos = (dec @ direction.float()) / (dec.norm(dim=1) * direction.float().norm() + 1e-12)
+    direction = direction.float().to(dec.device)
+    cos = (dec @ direction) / (dec.norm(dim=1) * direction.norm() + 1e-12)
     chosen = cos.abs().topk(min(top, len(cos))).indices
     best: dict[int, list[tuple[float, int, int]]] = {int(i): [] for i in chosen}
     sample = list(texts)[:max_texts]
     for acts, where in residual_batches(model, tokenizer, sample, layer, context_size=context_size, layer_path=layer_path):
-        z = sae.encode(acts)[:, chosen]
+        z = sae.encode(acts.to(dec.device))[:, chosen]
         values, rows = z.topk(min(snippets, len(z)), dim=0)
         for col, latent in enumerate(chosen.tolist()):
             for value, row in zip(values[:, col].tolist(), rows[:, col].tolist()):

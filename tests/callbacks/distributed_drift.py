@@ -17,7 +17,7 @@ from transformers import AutoTokenizer, Trainer, TrainingArguments
 sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/, for helpers
 from helpers import make_tiny_model  # noqa: E402
 
-from guard.callbacks import PersonaDriftCallback  # noqa: E402
+from guard.callbacks import PersonaDriftCallback, attach  # noqa: E402
 from guard.core.layers import active_hook_count  # noqa: E402
 from guard.core.vectors import PersonaVector, metadata_for  # noqa: E402
 
@@ -46,7 +46,7 @@ def main(out: str, tokenizer_dir: str) -> None:
              for i in range(16)]
     data = Dataset.from_dict(dict(tokenizer(texts, padding="max_length", max_length=24)))
     data = data.map(lambda row: {"labels": row["input_ids"]})
-    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[drift])
+    trainer = attach(Trainer(model=model, args=args, train_dataset=data, callbacks=[drift]))
     trainer.train()
     result = {"world_size": args.world_size, "history": drift.history, "hooks": active_hook_count(model),
               "log_history": trainer.state.log_history if trainer.is_world_process_zero() else None}

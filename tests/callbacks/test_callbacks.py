@@ -8,7 +8,7 @@ from datasets import Dataset
 from transformers import AutoTokenizer, Trainer, TrainingArguments
 
 from helpers import make_tiny_model
-from guard.callbacks import PersonaDriftCallback, PreventativeSteeringCallback
+from guard.callbacks import PersonaDriftCallback, PreventativeSteeringCallback, attach
 from guard.core.layers import active_hook_count
 from guard.core.vectors import PersonaVector, metadata_for
 
@@ -38,8 +38,9 @@ def _common(tmp_path, **overrides):
 
 def _sft(model, tokenizer, tmp_path, callbacks, peft_config=None, **overrides):
     config = trl.SFTConfig(**_common(tmp_path, **overrides), max_length=64)
-    return trl.SFTTrainer(model=model, args=config, train_dataset=Dataset.from_dict({"messages": CONVERSATIONS}),
-                          processing_class=tokenizer, callbacks=callbacks, peft_config=peft_config)
+    trainer = trl.SFTTrainer(model=model, args=config, train_dataset=Dataset.from_dict({"messages": CONVERSATIONS}),
+                             processing_class=tokenizer, callbacks=callbacks, peft_config=peft_config)
+    return attach(trainer)
 
 
 def _lora():
@@ -134,6 +135,54 @@ def test_an_exception_inside_training_leaves_no_hooks(tmp_path, smol_tokenizer):
         trainer.train()
     handle.remove()
     assert active_hook_count(model) == 0
+
+
+def test_exception_adapter_removes_hooks_when_the_optimizer_step_raises(tmp_path, smol_tokenizer):
+    """guard.callbacks._trainer wraps trainer.train: an exception anywhere inside a step (here
+    between backward and the optimizer step, outside any forward) must still take the hooks off.
+    Fails if a transformers release stops routing training through Trainer.train or swallows it."""
+    from transformers import TrainerCallback
+
+    model = make_tiny_model("llama", vocab_size=len(smol_tokenizer))
+
+    class Explode(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                assert active_hook_count(model) == 1  # inside the step: the steering hook is on
+                raise RuntimeError("optimizer out of memory (simulated)")
+
+    steer = PreventativeSteeringCallback(_vector(model), 2.0)
+    trainer = _sft(model, smol_tokenizer, tmp_path, [steer, Explode()])
+    with pytest.raises(RuntimeError, match="simulated"):
+        trainer.train()
+    assert active_hook_count(model) == 0
+
+
+def test_exception_adapter_wraps_one_instance_once_and_only_it(tmp_path, smol_tokenizer):
+    from guard.callbacks._trainer import remove_hooks_on_exception
+
+    model = make_tiny_model("llama", vocab_size=len(smol_tokenizer))
+    steer = [PreventativeSteeringCallback(_vector(model), 1.0, layers=layer) for layer in (0, 1)]
+    trainer = _sft(model, smol_tokenizer, tmp_path, steer)  # attach() registers both
+    wrapped = trainer.train
+    remove_hooks_on_exception(trainer, steer[0])  # again: no second wrapper
+    assert trainer.train is wrapped and "train" in vars(trainer)
+    assert type(trainer).train is trl.SFTTrainer.train  # the class is untouched
+    assert [cb for cb in trainer._persona_guard_cleanup] == steer
+    assert wrapped.__wrapped__.__func__ is type(trainer).train  # functools.wraps keeps the real method
+
+
+def test_no_frame_walking_or_replaced_trainer_methods_outside_the_adapter():
+    import re
+    from pathlib import Path
+
+    import guard.callbacks as package
+
+    pattern = re.compile(r"inspect\.|_getframe|f_back|training_step =|\.train = ")
+    offenders = [f"{path.name}:{number}" for path in Path(package.__file__).parent.glob("*.py")
+                 for number, line in enumerate(path.read_text().splitlines(), 1)
+                 if pattern.search(line) and path.name != "_trainer.py"]
+    assert offenders == []
 
 
 def test_dpo_reference_pass_is_not_steered(tmp_path, smol_tokenizer, monkeypatch):

@@ -41,9 +41,12 @@ def traits_list(as_json):
     if as_json:
         emit_json(rows)
         return
-    table = Table()
+    from rich import box
+
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)  # no vertical rules: whole headers fit 80 columns
     for column in ("name", "pairs", "extraction_questions", "evaluation_questions", "examples"):
-        table.add_column(column.replace("_", " "), justify="left" if column == "name" else "right")
+        table.add_column(column.replace("_", " "), justify="left" if column == "name" else "right",
+                         no_wrap=True, overflow="fold")
     for row in rows:
         table.add_row(row["name"], *(str(row[k]) for k in ("pairs", "extraction_questions", "evaluation_questions", "examples")))
     console.print(table)
@@ -76,10 +79,12 @@ def traits_validate(files, as_json):
     """Check trait files against the schema; lists every problem and exits 1 if any file is invalid."""
     from guard.traits import load_trait
 
+    from .checks import trait_source
+
     report = []
     for path in files:
         try:
-            t = load_trait(path)
+            t = load_trait(trait_source(path))
             report.append({"path": path, "valid": True, "name": t.name, "problems": []})
         except TraitError as exc:
             report.append({"path": path, "valid": False, "problems": str(exc).splitlines()[1:] or [str(exc)]})
@@ -176,6 +181,9 @@ def traits_new(name, description, out_path, generator_url, generator_model, gene
         check_out_path(out_path, overwrite=overwrite)
     except TraitError as exc:
         raise click.BadParameter(str(exc), param_hint="--out") from None
+    from .checks import writable_file
+
+    writable_file(out_path, "--out")  # tried, not read from permission bits (root passes those)
 
     say = progress_log(as_json or quiet)
     if generator_url:

@@ -121,21 +121,40 @@ class GenerationCache:
 def cached_generate(model, tokenizer, prompt_ids: list[list[int]], sampling: SamplingConfig, cache: GenerationCache,
                     model_id: str, *, batch_size: int = 32, progress: bool = False,
                     desc: str = "generating") -> tuple[list[list[int]], int]:
-    """:func:`generate` for the prompts the cache lacks, stored batch by batch; returns every
-    prompt's response ids and how many were generated now."""
+    """:func:`generate` for the prompts the cache lacks, each batch stored in the cache as soon as
+    it finishes (an interruption loses at most the batch in progress; a rerun generates only
+    what is missing). The batches are those :func:`generate` would plan for the missing prompts,
+    with the same seeds, so the responses do not depend on this batch-by-batch bookkeeping.
+
+    Args:
+        model, tokenizer: the model to generate with.
+        prompt_ids: the prompts' token ids.
+        sampling: the sampling settings (part of the cache key).
+        cache: where responses are looked up and stored.
+        model_id: identifies the model and its weights in the cache key.
+        batch_size: prompts per generation batch.
+        progress: show a progress bar, advanced after every batch.
+        desc: the progress bar's label.
+
+    Returns every prompt's response ids (in input order) and how many were generated now.
+    """
+    from dataclasses import replace
+
     keys = [GenerationCache.key(model_id, sampling, ids) for ids in prompt_ids]
     found = cache.get_many(sorted(set(keys)))
     missing = sorted({key: i for i, key in reversed(list(enumerate(keys))) if key not in found}.values(),
                      key=lambda i: len(prompt_ids[i]))
-    # Chunks of a few batches: an interruption loses at most one chunk of work.
-    chunk = batch_size * 4
+    batches = [[missing[j] for j in batch] for batch in plan_batches([len(prompt_ids[i]) for i in missing], batch_size)]
     bar = tqdm(total=len(missing), desc=desc, disable=not progress or not missing, unit="prompt")
-    for start in range(0, len(missing), chunk):
-        part = missing[start:start + chunk]
-        out = generate(model, tokenizer, [prompt_ids[i] for i in part], sampling, batch_size=batch_size)
-        made = {keys[i]: ids for i, ids in zip(part, out)}
-        cache.put_many(made)
-        found.update(made)
-        bar.update(len(part))
-    bar.close()
+    try:
+        for number, part in enumerate(batches):
+            # One batch per call, seeded as generate() seeds batch `number` of the whole list.
+            seeded = replace(sampling, seed=sampling.seed + number)
+            out = generate(model, tokenizer, [prompt_ids[i] for i in part], seeded, batch_size=len(part))
+            made = {keys[i]: ids for i, ids in zip(part, out)}
+            cache.put_many(made)
+            found.update(made)
+            bar.update(len(part))
+    finally:
+        bar.close()
     return [found[key] for key in keys], len(missing)

@@ -108,13 +108,106 @@ class VectorMetadata:
 
     @classmethod
     def from_dict(cls, data: dict) -> "VectorMetadata":
+        """Metadata from a vector file's header, checked field by field.
+
+        Args:
+            data: the header's JSON object (``format`` keys already removed). Unknown keys are
+                kept in ``extra``.
+
+        Raises :class:`VectorFileError` naming the first missing field, the first field of the
+        wrong type, or a recommended layer outside ``0..num_layers-1``.
+        """
+        if not isinstance(data, dict):
+            raise VectorFileError(f"the metadata is a JSON {type(data).__name__}, not an object")
         names = {f.name for f in dataclasses.fields(cls)}
+        required = [f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [name for name in required if name not in data]
+        if missing:
+            raise VectorFileError(f"the metadata lacks {', '.join(missing)}")
+        for name, expected in _FIELD_TYPES.items():
+            if name in data and not _is_type(data[name], expected):
+                raise VectorFileError(f"metadata field {name!r} should be {_type_names(expected)}, "
+                                      f"got {_short(data[name])}")
+        for name in ("hidden_size", "num_layers"):
+            if data[name] < 1:
+                raise VectorFileError(f"metadata field {name!r} is {data[name]}, it must be at least 1")
+        if not data["trait"].strip():
+            raise VectorFileError("metadata field 'trait' is empty")
+        layer = data.get("recommended_layer")
+        if layer is not None and not 0 <= layer < data["num_layers"]:
+            raise VectorFileError(f"recommended_layer {layer} is out of range for a vector of {data['num_layers']} "
+                                  f"layers (0-{data['num_layers'] - 1})")
+        norms = data.get("norms", [])
+        if not all(_is_type(n, (int, float)) for n in norms):
+            raise VectorFileError("metadata field 'norms' should be a list of numbers")
+        effect = data.get("layer_stats", {}).get("effect_size")
+        if effect is not None and not (isinstance(effect, list)
+                                       and all(_is_type(e, (int, float)) for e in effect)):
+            raise VectorFileError("metadata field layer_stats.effect_size should be a list of numbers")
+        selection = data.get("layer_stats", {}).get("selection")
+        if selection is not None and not _valid_selection(selection):
+            raise VectorFileError("metadata field layer_stats.selection is malformed (expected coeff, "
+                                  "max_coherence_drop, gated and per-layer effect and coherence_drop numbers)")
         known = {k: v for k, v in data.items() if k in names and k != "extra"}
         extra = {**data.get("extra", {}), **{k: v for k, v in data.items() if k not in names}}
         return cls(**known, extra=extra)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+_FIELD_TYPES = {
+    "trait": str, "model_name": str, "model_fingerprint": str, "model_type": str, "hidden_size": int,
+    "num_layers": int, "layer_convention": str, "positions": str, "extraction": dict, "counts": dict, "norms": list,
+    "layer_stats": dict, "recommended_layer": (int, type(None)), "package_version": str, "created_at": str,
+    "extra": dict,
+}
+
+
+def _is_type(value, expected) -> bool:
+    """isinstance, except that a bool is not an int here (JSON true is not a layer count)."""
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    if isinstance(value, bool):
+        return bool in expected
+    return isinstance(value, expected)
+
+
+def _type_names(expected) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", dict: "an object", list: "a list",
+             type(None): "null"}
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    return " or ".join(names.get(t, t.__name__) for t in expected)
+
+
+def _short(value) -> str:
+    text = json.dumps(value, default=str)
+    return (text if len(text) <= 40 else text[:39] + "…") + f" ({type(value).__name__})"
+
+
+def _valid_selection(selection) -> bool:
+    number = (int, float)
+    return (isinstance(selection, dict) and _is_type(selection.get("coeff"), number)
+            and _is_type(selection.get("max_coherence_drop"), number) and isinstance(selection.get("gated"), bool)
+            and all(isinstance(selection.get(key, {}), dict)
+                    and all(_is_type(v, number) for v in selection.get(key, {}).values())
+                    for key in ("effect", "coherence_drop")))
+
+
+def _check_finite(tensors: dict, path: Path, num_layers: int) -> None:
+    """Refuse tensors holding NaN or infinity: every projection, z-score and steering step would be NaN."""
+    for name in ("vectors", "pos_mean", "neg_mean"):
+        tensor = tensors.get(name)
+        if tensor is None or not tensor.is_floating_point():
+            continue
+        bad = ~torch.isfinite(tensor)
+        if bad.any():
+            rows = (bad.reshape(bad.shape[0], -1).any(dim=1).nonzero().flatten().tolist()
+                    if tensor.ndim >= 2 and tensor.shape[0] == num_layers else [])
+            where = f" at layer(s) {', '.join(map(str, rows[:8]))}{', ...' if len(rows) > 8 else ''}" if rows else ""
+            raise VectorFileError(f"{path}: the '{name}' tensor holds NaN or infinite values{where}, so nothing "
+                                  "read along it would mean anything; extract the vector again (in float32: "
+                                  "--dtype float32)")
 
 
 @dataclass
@@ -247,16 +340,33 @@ class PersonaVector:
             raise VectorFileError(f"{path} is not a safetensors file: {exc}") from exc
         if header is None:
             raise VectorFileError(f"{path} is a safetensors file but not a persona-guard vector (no metadata)")
-        data = json.loads(header)
-        if data.pop("format", None) != FORMAT:
+        damaged = "the file is damaged or was edited by hand; extract the vector again"
+        try:
+            data = json.loads(header)
+        except json.JSONDecodeError as exc:
+            raise VectorFileError(f"{path}: its persona-guard metadata is not valid JSON ({exc.msg} at character "
+                                  f"{exc.pos}); {damaged}") from None
+        if not isinstance(data, dict) or data.pop("format", None) != FORMAT:
             raise VectorFileError(f"{path} is not a persona-guard vector file")
         version = data.pop("format_version", None)
         if version != FORMAT_VERSION:
             raise VectorFileError(f"{path} uses vector format version {version}; this persona-guard reads {FORMAT_VERSION}")
         if "vectors" not in tensors:
             raise VectorFileError(f"{path} has no 'vectors' tensor")
-        return cls(tensors["vectors"], VectorMetadata.from_dict(data),
-                   tensors.get("pos_mean"), tensors.get("neg_mean"))
+        try:
+            meta = VectorMetadata.from_dict(data)
+        except VectorFileError as exc:
+            raise VectorFileError(f"{path}: {exc}; {damaged}") from None
+        shape = (meta.num_layers, meta.hidden_size)
+        for name in ("pos_mean", "neg_mean"):
+            if name in tensors and tuple(tensors[name].shape) != tuple(tensors["vectors"].shape):
+                raise VectorFileError(f"{path}: the '{name}' tensor has shape {tuple(tensors[name].shape)}, the "
+                                      f"vectors {tuple(tensors['vectors'].shape)}; {damaged}")
+        if tuple(tensors["vectors"].shape) != shape:
+            raise VectorFileError(f"{path}: the vectors have shape {tuple(tensors['vectors'].shape)} but the metadata "
+                                  f"says {shape}; {damaged}")
+        _check_finite(tensors, path, meta.num_layers)
+        return cls(tensors["vectors"], meta, tensors.get("pos_mean"), tensors.get("neg_mean"))
 
 
 def metadata_for(model, trait: str, **fields) -> VectorMetadata:

@@ -7,12 +7,15 @@ A prompt is either a plain user message or a whole conversation (a list of ``{"r
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from ..errors import DataFileError
+
+logger = logging.getLogger(__name__)  # warnings reach Python users who pass no warn=
 
 ON_ERROR = ("fail", "skip")
 
@@ -38,7 +41,7 @@ class Prompt:
 SKIP_OPTION = "--on-error skip"
 
 
-def read_jsonl(path: str | Path, on_error: str = "fail", warn: Callable[[str], None] = lambda message: None, *,
+def read_jsonl(path: str | Path, on_error: str = "fail", warn: Callable[[str], None] = logger.warning, *,
                skip_option: str | None = SKIP_OPTION) -> Iterator[tuple[int, object]]:
     """``(line number, parsed object)`` for every non-blank line. A malformed line raises
     :class:`DataFileError` naming it (``on_error="fail"``) or is reported through ``warn`` and
@@ -221,7 +224,7 @@ def _prompts_from_csv(path: Path, on_error: str, warn, skip_option: str | None) 
     return prompts
 
 
-def load_prompts(path: str | Path, on_error: str = "fail", warn: Callable[[str], None] = lambda m: None, *,
+def load_prompts(path: str | Path, on_error: str = "fail", warn: Callable[[str], None] = logger.warning, *,
                  skip_option: str | None = SKIP_OPTION) -> list[Prompt]:
     """Prompts from a ``.jsonl`` file (``messages``, or ``prompt``/``question``/``text`` with an
     optional ``system``; ``id`` kept), a ``.json`` list of such records or strings, a ``.csv``

@@ -40,7 +40,7 @@ from torch import nn
 from ..errors import VectorFileError
 from .layers import _hidden, _with_hidden, forward_hooks, hidden_size
 from .stats import random_directions
-from .vectors import ModelIdentity, PersonaVector
+from .vectors import ModelIdentity, PersonaVector, save_tensors_atomically
 
 STEER_POSITIONS = ("all", "response")
 OPERATORS = ("add", "ablate", "ablate_add")
@@ -216,19 +216,15 @@ class Steering:
             path: the ``.safetensors`` file to write.
             model: the model the steering is for (its identity is stored and checked on load).
         """
-        from safetensors.torch import save_file
-
         if callable(self.coeff):
             raise ValueError("a steering with a coefficient schedule cannot be saved; give a number")
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         header = {"format": SPEC_FORMAT, "format_version": 1, "coeff": float(self.coeff), "positions": self.positions,
                   "operator": self.operator, "description": self.description, "layer_path": self.layer_path,
                   "model": ModelIdentity.of(model).to_dict()}
         tensors = {f"layer.{layer}": vec.detach().to("cpu", torch.float32).contiguous()
                    for layer, vec in self.vectors.items()}
-        save_file(tensors, str(path), metadata={_SPEC_KEY: json.dumps(header)})
-        return path
+        return save_tensors_atomically(tensors, path, {_SPEC_KEY: json.dumps(header)})
 
     @classmethod
     def load(cls, path: str | Path, model=None, *, allow_other_weights: bool = False) -> "Steering":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,26 @@ FORMAT_VERSION = 1
 _HEADER_KEY = "persona_guard"
 
 
+
+
+def save_tensors_atomically(tensors: dict, path: str | Path, metadata: dict[str, str]) -> Path:
+    """Write a safetensors file next to ``path`` and rename it into place, so an interrupted
+    save never leaves a half-written file where a good one was (``select-layer`` rewrites
+    vector files in place).
+
+    Args:
+        tensors: name -> tensor. path: the file to write. metadata: the safetensors header strings.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
 
 
 @dataclass(frozen=True)
@@ -309,15 +330,13 @@ class PersonaVector:
     # -- files ----------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"vectors": self.vectors}
         if self.pos_mean is not None:
             tensors["pos_mean"] = self.pos_mean
         if self.neg_mean is not None:
             tensors["neg_mean"] = self.neg_mean
         header = {"format": FORMAT, "format_version": FORMAT_VERSION, **self.meta.to_dict()}
-        save_file(tensors, str(path), metadata={_HEADER_KEY: json.dumps(header)})
-        return path
+        return save_tensors_atomically(tensors, path, {_HEADER_KEY: json.dumps(header)})
 
     @classmethod
     def load(cls, path: str | Path, model=None, *, allow_other_weights: bool = False) -> "PersonaVector":

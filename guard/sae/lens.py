@@ -137,7 +137,7 @@ def read_texts(source: str | Path, tokenizer=None, field: str = "text") -> list[
             else:
                 raise DataFileError(f"{path}:{number}: no '{field}' string or chat 'messages'")
         return texts
-    parts = re.split(r"\n\s*\n", path.read_text(encoding="utf-8"))
+    parts = re.split(r"\n\s*\n", path.read_text(encoding="utf-8-sig"))  # a BOM is not text
     return [p.strip() for p in parts if p.strip()]
 
 

@@ -11,6 +11,7 @@ keep/drop, the report files and the summary. ``persona-guard screen`` is a thin 
 from __future__ import annotations
 
 import fnmatch
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ from .report import matplotlib_available, write_report, write_summary
 from .samples import SampleSource
 from .scoring import (ScreenConfig, Screener, ScreenResult, check_thresholds, flagged, parse_threshold,
                       resolve_thresholds, set_z_scores)
+
+logger = logging.getLogger(__name__)  # warnings reach Python users who pass no warn=
 
 FLAGS = ("empty_response", "empty_prompt", "truncated", "empty_base_response")
 
@@ -134,7 +137,7 @@ def screen(source: SampleSource, model, tokenizer, vectors: Sequence[PersonaVect
            *, layers: Sequence[int] | None = None, thresholds: dict[str | None, str] | None = None,
            reference: SampleSource | None = None, out_dir: str | Path | None = None, keep_path: str | Path | None = None,
            drop_path: str | Path | None = None, restart: bool = False, plots: bool = True, explain_top: int = 20,
-           progress: bool = False, warn: Callable[[str], None] = lambda message: None) -> ScreenRun:
+           progress: bool = False, warn: Callable[[str], None] = logger.warning) -> ScreenRun:
     """Score ``source`` for every vector, then threshold, filter and report.
 
     Args:

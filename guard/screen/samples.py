@@ -19,6 +19,7 @@ import codecs
 import csv
 import io
 import json
+import logging
 import os
 import shutil
 from contextlib import contextmanager
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..core.data import ON_ERROR, DataFileError, check_messages, read_jsonl
+
+logger = logging.getLogger(__name__)  # warnings reach Python users who pass no warn=
 
 PROMPT_FIELDS = ("prompt", "question", "instruction", "input")
 RESPONSE_FIELDS = ("response", "completion", "answer", "output", "chosen")
@@ -384,7 +387,7 @@ def missing_file_message(source: str | Path, what: str = "file") -> str:
 
 
 def load_samples(source: str | Path, *, fields: FieldNames = FieldNames(), on_error: str = "fail",
-                 split: str | None = None, warn: Callable[[str], None] = lambda message: None) -> SampleSource:
+                 split: str | None = None, warn: Callable[[str], None] = logger.warning) -> SampleSource:
     """Read samples from a ``.jsonl`` / ``.csv`` file, a saved ``datasets`` directory, or a hub
     dataset id already in the local cache (never downloaded: the hub is not contacted). A path
     that does not exist and cannot be a hub id is "file not found" at once. Malformed records

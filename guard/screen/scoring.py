@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -29,15 +30,17 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import ScreenError
 from ..core.chat import format_messages
 from ..core.forward import forward_until, halve_on_oom, pad_batch, plan_batches
 from ..core.generation import GenerationCache, SamplingConfig, cached_generate
 from ..core.layers import capture
-from ..core.readout import ReadKey, Readout
 from ..core.models import cache_dir, eval_mode, model_name, state_fingerprint
-from .samples import Sample
+from ..core.readout import ReadKey, Readout
 from ..core.vectors import PersonaVector
+from ..errors import ScreenError
+from .samples import Sample
+
+logger = logging.getLogger(__name__)  # warnings reach Python users who pass no warn=
 
 MODES = ("full", "approx")
 STAGES = ("train", "base")
@@ -118,7 +121,7 @@ class Checkpoint:
     every sample); a file from a different run is set aside, never mixed in.
     """
 
-    def __init__(self, path: str | Path, fingerprint: str, warn: Callable[[str], None] = lambda m: None):
+    def __init__(self, path: str | Path, fingerprint: str, warn: Callable[[str], None] = logger.warning):
         self.path = Path(path)
         self.done: dict[tuple[str, int], dict] = {}
         if self.path.exists():
@@ -274,7 +277,7 @@ class Screener:
         return halve_on_oom(run, batch, lambda a, b: (torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]])))
 
     def score(self, samples: Sequence[Sample], *, checkpoint_path: str | Path | None = None, progress: bool = False,
-              warn: Callable[[str], None] = lambda message: None) -> ScreenResult:
+              warn: Callable[[str], None] = logger.warning) -> ScreenResult:
         prompts, responses = self._tokenize(samples)
         flags: list[list[str]] = [[] for _ in samples]
         truncated = 0

@@ -33,11 +33,8 @@ import torch
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "examples"))
-from common import machine  # noqa: E402
+from common import machine, raw_forward, reference_projections, straightforward_scores  # noqa: E402
 
-from guard.core.chat import format_messages  # noqa: E402
-from guard.core.forward import pad_batch, plan_batches  # noqa: E402
-from guard.core.layers import capture  # noqa: E402
 from guard.core.models import load_model  # noqa: E402
 from guard.extract.extraction import ExtractionConfig, extract_vector  # noqa: E402
 from guard.extract.selection import select_and_record  # noqa: E402
@@ -78,34 +75,6 @@ def extraction(model, tokenizer, device):
 
 # -- 2. screening, approximation mode ------------------------------------------------------------
 
-def batch_one_reference(model, tokenizer, samples, vector, device) -> list[float]:
-    """The reference scripts' way: one sample per forward, every hidden state returned."""
-    layer = vector.default_layer()
-    unit = vector.unit(layer).to(device)
-    out = []
-    with torch.inference_mode():
-        for sample in samples:
-            prompt_text = format_messages(tokenizer, list(sample.prompt))
-            prompt_len = len(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
-            ids = tokenizer(prompt_text + sample.response, add_special_tokens=False, return_tensors="pt")["input_ids"]
-            hidden = model(input_ids=ids.to(device), output_hidden_states=True).hidden_states
-            h = hidden[layer + 1][0].float()  # block_output convention: layer i = hidden_states[i + 1]
-            out.append(float(h[prompt_len:].mean(0) @ unit) - float(h[prompt_len - 1] @ unit))
-    return out
-
-
-def raw_forward(model, tokenizer, samples, config: ScreenConfig, device) -> None:
-    """The model alone over the same length-planned batches (every block, the LM head at the last
-    position only, as in a prefill): the ceiling for an implementation that runs the whole model."""
-    prompts = tokenizer([format_messages(tokenizer, list(s.prompt)) for s in samples], add_special_tokens=False)["input_ids"]
-    responses = tokenizer([s.response for s in samples], add_special_tokens=False)["input_ids"]
-    seqs = [p + r for p, r in zip(prompts, responses)]
-    with torch.inference_mode():
-        for batch in plan_batches([len(s) for s in seqs], config.max_batch_size, config.token_budget):
-            ids, attn = pad_batch([seqs[i] for i in batch], 0, device, side="right")
-            model(input_ids=ids, attention_mask=attn, use_cache=False, logits_to_keep=1)
-
-
 def screening(model, tokenizer, vector, device, repeats: int):
     samples = load_samples(DATA).samples
     config = ScreenConfig(mode="approx")
@@ -119,7 +88,7 @@ def screening(model, tokenizer, vector, device, repeats: int):
         ours = screener.score(samples)
         timings["ours"].append(clock(device) - started)
         started = clock(device)
-        reference = batch_one_reference(model, tokenizer, samples, vector, device)
+        reference = [mean - last for (mean, last), in reference_projections(model, tokenizer, samples, [vector], device)]
         timings["batch-1"].append(clock(device) - started)
         started = clock(device)
         raw_forward(model, tokenizer, samples, config, device)
@@ -189,22 +158,7 @@ class StraightforwardEPO(CountingEPO):
     recomputed every time, full logits)."""
 
     def _evaluate_impl(self, forward, ids):
-        targets, xents = [], []
-        device = next(self.model.parameters()).device
-        with torch.no_grad():
-            for row in ids.tolist():
-                t_sum = x_sum = 0.0
-                for prefix, suffix in zip(self.slot.prefixes, self.slot.suffixes):
-                    full = torch.tensor([list(prefix) + row + list(suffix)], device=device)
-                    with capture(self.model, [self.layer], position="all", dtype=None) as acts:
-                        logits = self.model(input_ids=full, attention_mask=torch.ones_like(full)).logits[0].float()
-                    t_sum += float(self.objective(acts[self.layer][:, -1].float())[0])
-                    logp = torch.log_softmax(logits, -1)
-                    scored = [logp[len(prefix) + k - 1, row[k]] for k in range(0 if prefix else 1, len(row))]
-                    x_sum += -float(torch.stack(scored).mean())
-                targets.append(t_sum / self.slot.contexts)
-                xents.append(x_sum / self.slot.contexts)
-        return torch.tensor(targets), torch.tensor(xents)
+        return straightforward_scores(self, ids)
 
 
 def epo(model, tokenizer, vector, device, iterations: int):

@@ -18,13 +18,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, vector_with_layer, write_section  # noqa: E402
+from common import machine, straightforward_scores, vector_with_layer, write_section  # noqa: E402
 
 from guard.harden.hardening import away_from, in_context_check, system_slot  # noqa: E402
-from guard.core.layers import capture  # noqa: E402
 from guard.core.models import load_model  # noqa: E402
 from guard.harden.optimize import EPO, EPOConfig  # noqa: E402
 from guard.traits import load_trait  # noqa: E402
@@ -61,23 +59,7 @@ class NaiveEPO(TimedEPO):
     full forward (prefix recomputed every time), full logits."""
 
     def _evaluate_impl(self, forward, ids):
-        targets, xents = [], []
-        device = next(self.model.parameters()).device
-        with torch.no_grad():
-            for row in ids.tolist():
-                t_sum = x_sum = 0.0
-                for prefix, suffix in zip(self.slot.prefixes, self.slot.suffixes):
-                    full = torch.tensor([list(prefix) + row + list(suffix)], device=device)
-                    with capture(self.model, [self.layer], position="all", dtype=None) as acts:
-                        logits = self.model(input_ids=full, attention_mask=torch.ones_like(full)).logits[0].float()
-                    t_sum += float(self.objective(acts[self.layer][:, -1].float())[0])
-                    logp = torch.log_softmax(logits, -1)
-                    start = len(prefix)
-                    scored = [logp[start + k - 1, row[k]] for k in range(0 if prefix else 1, len(row))]
-                    x_sum += -float(torch.stack(scored).mean())
-                targets.append(t_sum / self.slot.contexts)
-                xents.append(x_sum / self.slot.contexts)
-        return torch.tensor(targets), torch.tensor(xents)
+        return straightforward_scores(self, ids)
 
 
 def run(cls, model, tokenizer, objective, layer, slot, config, budget, check):

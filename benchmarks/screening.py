@@ -34,14 +34,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, vector_with_layer, write_section  # noqa: E402
+from common import machine, raw_forward, reference_projections, vector_with_layer, write_section  # noqa: E402
 
 from guard.core.chat import format_messages  # noqa: E402
-from guard.core.generation import GenerationCache, SamplingConfig, cached_generate, pad_batch  # noqa: E402
+from guard.core.generation import GenerationCache, SamplingConfig, cached_generate  # noqa: E402
 from guard.core.stats import Estimate, auroc, auroc_ci  # noqa: E402
 from guard.core.models import load_model  # noqa: E402
 from guard.screen.samples import load_samples  # noqa: E402
-from guard.screen.scoring import ScreenConfig, Screener, plan_batches  # noqa: E402
+from guard.screen.scoring import ScreenConfig, Screener  # noqa: E402
 
 HERE = Path(__file__).parent
 DATA = HERE / "data" / "screen_eval.jsonl"
@@ -114,41 +114,6 @@ def separation(model, tokenizer, vectors, samples, labels, traits, pair_ids, max
     return rows, numbers
 
 
-def batch_one_reference(model, tokenizer, samples, vectors):
-    """The reference scripts' way: one sample at a time, every hidden state returned."""
-    units = [(v.default_layer(), v.unit(v.default_layer())) for v in vectors]
-    out = []
-    with torch.inference_mode():
-        for sample in samples:
-            prompt_text = format_messages(tokenizer, list(sample.prompt))
-            prompt_len = len(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
-            ids = tokenizer(prompt_text + sample.response, add_special_tokens=False, return_tensors="pt")["input_ids"]
-            hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
-            row = []
-            for layer, unit in units:
-                h = hidden[layer + 1][0]  # block_output convention: layer i = hidden_states[i + 1]
-                row.append((float(h[prompt_len:].mean(0) @ unit), float(h[prompt_len - 1] @ unit)))
-            out.append(row)
-    return out
-
-
-def raw_forward(model, tokenizer, samples, config: ScreenConfig) -> int:
-    """The model alone over our batches: tokens pushed through (padding included) are not
-    counted; only real tokens, as for the other two."""
-    prompts = tokenizer([format_messages(tokenizer, list(s.prompt)) for s in samples], add_special_tokens=False)["input_ids"]
-    responses = tokenizer([s.response for s in samples], add_special_tokens=False)["input_ids"]
-    seqs = [p + r for p, r in zip(prompts, responses)]
-    batches = [[seqs[i] for i in batch] for batch in plan_batches([len(s) for s in seqs], config.max_batch_size,
-                                                                  config.token_budget)]
-    padded = [pad_batch(batch, 0, "cpu", side="right") for batch in batches]
-    with torch.inference_mode():
-        for ids, attn in padded:
-            # Every block, and the LM head at the last position only (as a prefill does): logits
-            # over every padded position would make this "ceiling" slower than batch 1.
-            model(input_ids=ids, attention_mask=attn, use_cache=False, logits_to_keep=1)
-    return sum(len(s) for s in seqs)
-
-
 def throughput(model, tokenizer, vectors, samples, repeats: int, log) -> tuple[list[str], dict]:
     config = ScreenConfig(mode="approx")
     screener = Screener(model, tokenizer, vectors, config)
@@ -164,7 +129,7 @@ def throughput(model, tokenizer, vectors, samples, repeats: int, log) -> tuple[l
         ours = screener.score(samples)
         timings["ours (approx mode)"].append(time.perf_counter() - started)
         started = time.perf_counter()
-        reference = batch_one_reference(model, tokenizer, samples, vectors)
+        reference = reference_projections(model, tokenizer, samples, vectors)
         timings["batch-1 loop (reference way)"].append(time.perf_counter() - started)
         started = time.perf_counter()
         raw_forward(model, tokenizer, samples, config)

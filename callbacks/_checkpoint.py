@@ -21,17 +21,32 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 
 def saved_checkpoint_dir(args, state) -> Path:
-    """The directory ``Trainer._save_checkpoint`` has just written (no hyperparameter search)."""
+    """The directory ``Trainer._save_checkpoint`` has just written (no hyperparameter search).
+
+    Args:
+        args, state: the Trainer's ``TrainingArguments`` (its ``output_dir``) and ``TrainerState``
+            (its ``global_step``).
+    """
     return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
 
 
 def resumed(state) -> bool:
-    """True in ``on_train_begin`` of a run resumed from a checkpoint."""
+    """True in ``on_train_begin`` of a run resumed from a checkpoint.
+
+    Args:
+        state: the Trainer's ``TrainerState``.
+    """
     return state.global_step > 0
 
 
 def resume_candidates(args, state, explicit: str | Path | None = None) -> list[Path]:
-    """Directories that may hold the checkpoint a run resumed from, most specific first."""
+    """Directories that may hold the checkpoint a run resumed from, most specific first.
+
+    Args:
+        args, state: the Trainer's ``TrainingArguments`` (``resume_from_checkpoint``, ``output_dir``)
+            and ``TrainerState`` (``global_step``).
+        explicit: a directory the user named (the callback's ``load_checkpoint``), tried first; or None.
+    """
     found = [Path(explicit)] if explicit is not None else []
     given = getattr(args, "resume_from_checkpoint", None)
     if isinstance(given, str) and given:

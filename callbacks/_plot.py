@@ -17,7 +17,13 @@ def matplotlib_available() -> bool:
 def plot_drift(report: dict, path: Path) -> Path:
     """Write ``path`` (PNG): one panel per trait, the shift along its vector at every measured
     step, a band of ± the mean |shift| along random directions (the noise floor), and the warn
-    and stop events. Needs matplotlib (the ``train`` extra)."""
+    and stop events. Needs matplotlib (the ``train`` extra).
+
+    Args:
+        report: the drift report (:meth:`PersonaDriftCallback.report`): its ``vectors``, ``history``
+            and ``events``.
+        path: the PNG file to write.
+    """
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never a window

@@ -140,7 +140,11 @@ class PersonaDriftCallback(TrainerCallback):
         return self
 
     def state_path(self, checkpoint_dir: str | Path) -> Path:
-        """This callback's state file inside a checkpoint directory."""
+        """This callback's state file inside a checkpoint directory.
+
+        Args:
+            checkpoint_dir: the checkpoint directory.
+        """
         return Path(checkpoint_dir) / f"{Path(self.report_name).stem}_state.safetensors"
 
     # -- lifecycle -------------------------------------------------------------------------

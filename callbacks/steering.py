@@ -31,11 +31,21 @@ MODES = tuple(OPERATOR)
 
 
 def constant(step: int, max_steps: int) -> float:
+    """1 at every step.
+
+    Args:
+        step, max_steps: the Trainer's global step and its total steps (both ignored).
+    """
     return 1.0
 
 
 def linear_decay(step: int, max_steps: int) -> float:
-    """From 1 at the first step to 0 at the last."""
+    """From 1 at the first step to 0 at the last.
+
+    Args:
+        step: the Trainer's global step.
+        max_steps: the run's total steps (at least 1 is used).
+    """
     return max(0.0, 1.0 - step / max(max_steps, 1))
 
 
@@ -155,7 +165,11 @@ class PreventativeSteeringCallback(TrainerCallback):
         return self
 
     def state_path(self, checkpoint_dir: str | Path) -> Path:
-        """This callback's state file inside a checkpoint directory (one per trait, layers and mode)."""
+        """This callback's state file inside a checkpoint directory (one per trait, layers and mode).
+
+        Args:
+            checkpoint_dir: the checkpoint directory.
+        """
         layers = "-".join(str(layer) for layer in self.layers)
         return Path(checkpoint_dir) / f"persona_steering_{self.vector.trait}_L{layers}_{self.mode}.json"
 

@@ -30,6 +30,13 @@ class Prompt:
 
     @classmethod
     def from_user(cls, text: str, system: str | None = None, id: str = "") -> "Prompt":
+        """A prompt of one user message, after an optional system message.
+
+        Args:
+            text: the user message.
+            system: a system message to put first (None or empty: none).
+            id: the prompt's identifier, kept for reports.
+        """
         return cls(tuple(([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]), id)
 
     @property
@@ -110,7 +117,11 @@ def _ab_item(record, where: str) -> ABItem:
 
 def load_ab_items(path: str | Path) -> list[ABItem]:
     """A/B items from a JSON list (CAA) or a JSONL file (Anthropic model-written evals).
-    Labels may carry a leading space (" (A)") or be lists (the first counts), as in those files."""
+    Labels may carry a leading space (" (A)") or be lists (the first counts), as in those files.
+
+    Args:
+        path: the file; one starting with ``[`` is read as a JSON list, any other as JSONL.
+    """
     path = Path(path)
     if not path.exists():
         raise DataFileError(f"{path}: no such file")
@@ -266,7 +277,12 @@ def load_prompts(path: str | Path, on_error: str = "fail", warn: Callable[[str],
 
 
 def as_prompts(items: Sequence[str | dict | Prompt | Sequence[dict]]) -> list[Prompt]:
-    """Accept user messages, conversations (lists of messages), records, or Prompts alike."""
+    """Accept user messages, conversations (lists of messages), records, or Prompts alike.
+
+    Args:
+        items: each a user message (str), a record (dict, as in a prompt file), a
+            :class:`Prompt` (kept as is), or a list/tuple of ``{"role", "content"}`` messages.
+    """
     result = []
     for index, item in enumerate(items):
         if isinstance(item, Prompt):

@@ -25,6 +25,11 @@ class SamplingConfig:
 
 
 def stop_token_ids(model, tokenizer) -> set[int]:
+    """The end-of-sequence token ids of the model's generation config and of the tokenizer, together.
+
+    Args:
+        model, tokenizer: the model (its ``generation_config``, if any) and its tokenizer.
+    """
     ids = set()
     for source in (getattr(model, "generation_config", None), tokenizer):
         eos = getattr(source, "eos_token_id", None)
@@ -48,6 +53,14 @@ def generate(
     Prompts are sorted by length so each batch pads little; the results come back in input
     order. Batch ``i`` (in sorted order) samples with seed ``sampling.seed + i``, so a run is
     reproducible whatever else happened in the process.
+
+    Args:
+        model, tokenizer: the model to generate with and its tokenizer (pad and stop tokens).
+        prompt_ids: the prompts' token ids.
+        sampling: the sampling settings (``temperature <= 0``: greedy).
+        batch_size: prompts per generation batch at most.
+        progress: show a progress bar, advanced after every batch.
+        desc: the progress bar's label.
     """
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -80,6 +93,11 @@ class GenerationCache:
     """
 
     def __init__(self, path):
+        """Open (or create) the cache.
+
+        Args:
+            path: the SQLite database file; missing parent folders are created.
+        """
         import sqlite3
         from pathlib import Path
 
@@ -91,6 +109,13 @@ class GenerationCache:
 
     @staticmethod
     def key(model_id: str, sampling: SamplingConfig, prompt_ids: list[int]) -> str:
+        """The cache key of one prompt: a SHA-256 hex digest of the model, settings and tokens.
+
+        Args:
+            model_id: identifies the model and its weights.
+            sampling: the sampling settings.
+            prompt_ids: the prompt's token ids.
+        """
         import hashlib
         import json
 
@@ -98,6 +123,11 @@ class GenerationCache:
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def get_many(self, keys: list[str]) -> dict[str, list[int]]:
+        """The stored response ids of those keys the cache holds (keys it lacks are left out).
+
+        Args:
+            keys: cache keys from :meth:`key`.
+        """
         import json
 
         found = {}
@@ -108,6 +138,11 @@ class GenerationCache:
         return found
 
     def put_many(self, items: dict[str, list[int]]) -> None:
+        """Store responses (replacing any under the same key) and commit.
+
+        Args:
+            items: response token ids by cache key.
+        """
         import json
 
         self._db.executemany("INSERT OR REPLACE INTO responses VALUES (?, ?)",

@@ -362,7 +362,12 @@ def state_fingerprint(model, per_tensor: int = 1024) -> str:
     (base responses, screening checkpoints): fixed pseudo-random samples of every parameter, in
     float32, LoRA adapters included. Unlike :func:`weights_fingerprint` it changes under a
     finetune that leaves the embeddings alone, a merged or attached adapter, or another load
-    dtype: for a cache, a miss costs less than a stale hit."""
+    dtype: for a cache, a miss costs less than a stale hit.
+
+    Args:
+        model: the model; parameters on the meta device (offloaded) count by name, shape and dtype only.
+        per_tensor: values sampled from each parameter at most.
+    """
     h = hashlib.sha256()
     for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
         h.update(f"{name}:{tuple(param.shape)}:{param.dtype}".encode())

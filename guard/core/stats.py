@@ -28,7 +28,14 @@ def auroc(positive, negative) -> float:
 
 
 def random_directions(n: int, hidden: int, norm: float = 1.0, seed: int = 0) -> torch.Tensor:
-    """``(n, hidden)`` isotropic random directions of the given norm (a noise floor for projections)."""
+    """``(n, hidden)`` isotropic random directions of the given norm (a noise floor for projections).
+
+    Args:
+        n: how many directions.
+        hidden: their dimension.
+        norm: each direction's length.
+        seed: seeds a private generator, so the directions are reproducible.
+    """
     g = torch.Generator().manual_seed(seed)
     dirs = torch.randn(n, hidden, generator=g)
     return dirs / dirs.norm(dim=-1, keepdim=True) * norm
@@ -39,6 +46,10 @@ def repetition_rate(tokens, n: int = 3) -> float:
 
     A judge-free sign of broken generation: steering too hard makes small models loop
     ("I'm glad, I'm glad, ..."). 0 for text with no repeated n-gram; near 1 for a loop.
+
+    Args:
+        tokens: the text's token ids (any sequence of hashable items); fewer than ``n``: 0.
+        n: the n-gram length.
     """
     grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
     if not grams:

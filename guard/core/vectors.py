@@ -292,6 +292,11 @@ class PersonaVector:
         return layer % self.num_layers
 
     def unit(self, layer: int) -> torch.Tensor:
+        """The vector at ``layer`` scaled to unit norm.
+
+        Args:
+            layer: the layer index (negative counts from the end).
+        """
         vec = self.vectors[layer]
         return vec / vec.norm().clamp_min(1e-12)
 
@@ -329,6 +334,12 @@ class PersonaVector:
 
     # -- files ----------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
+        """Write the vectors, the class means if present, and the metadata to a safetensors file,
+        atomically; returns the path written.
+
+        Args:
+            path: the file to write (missing parent folders are created).
+        """
         path = Path(path)
         tensors = {"vectors": self.vectors}
         if self.pos_mean is not None:
@@ -341,7 +352,14 @@ class PersonaVector:
     @classmethod
     def load(cls, path: str | Path, model=None, *, allow_other_weights: bool = False) -> "PersonaVector":
         """Read a vector file; given ``model``, also refuse it unless it belongs to that model
-        (see :meth:`check_model`)."""
+        (see :meth:`check_model`).
+
+        Args:
+            path: the vector file.
+            model: the model the vector will be used with (None: no check).
+            allow_other_weights: with ``model``, accept other weights of the same architecture
+                (see :meth:`check_model`).
+        """
         vector = cls._read(Path(path))
         if model is not None:
             vector.check_model(model, allow_other_weights=allow_other_weights)
@@ -389,7 +407,13 @@ class PersonaVector:
 
 
 def metadata_for(model, trait: str, **fields) -> VectorMetadata:
-    """Metadata describing ``model``, ready for a new :class:`PersonaVector`."""
+    """Metadata describing ``model``, ready for a new :class:`PersonaVector`.
+
+    Args:
+        model: the model the vector comes from (PEFT and DDP wrappers are looked through).
+        trait: the trait's name.
+        fields: further :class:`VectorMetadata` fields (``extraction``, ``counts``, ...).
+    """
     from .. import __version__
 
     core = unwrap_model(model)

@@ -51,7 +51,12 @@ class LayerSelection:
 
 def default_candidate_layers(num_layers: int, max_candidates: int = 10) -> list[int]:
     """Layers from 20% to 80% of the depth, thinned to at most ``max_candidates``: steering the
-    first few blocks barely moves behaviour and the last few mostly break fluency."""
+    first few blocks barely moves behaviour and the last few mostly break fluency.
+
+    Args:
+        num_layers: the model's decoder layer count.
+        max_candidates: how many layers to return at most.
+    """
     low, high = max(0, round(0.2 * num_layers)), min(num_layers - 1, round(0.8 * num_layers))
     span = list(range(low, high + 1))
     step = max(1, -(-len(span) // max_candidates))
@@ -64,7 +69,20 @@ def select_layer(
     batch_size: int = 16, layer_path: str | None = None, log: Callable[[str], None] = lambda message: None,
 ) -> LayerSelection:
     """Steer each candidate layer by ``coeff``; pick the largest trait effect among layers whose
-    coherence drop stays within ``max_coherence_drop`` (the least damaging layer if none does)."""
+    coherence drop stays within ``max_coherence_drop`` (the least damaging layer if none does).
+
+    Args:
+        model, tokenizer: the model steered and scored, and its tokenizer.
+        vector: the persona vector to steer along.
+        pairs: the example pairs scored (as :func:`~guard.measure.behavior.pairwise_preference` takes them).
+        layers: the candidate layers (None: :func:`default_candidate_layers` of the vector's layer count).
+        coeff: the steering coefficient tried at every layer.
+        max_coherence_drop: the largest acceptable drop in mean answer log-likelihood (nats/token).
+        positions: the steered positions, ``"all"`` or ``"response"``.
+        batch_size: sequences per forward.
+        layer_path: the decoder-block list, when auto-discovery needs help.
+        log: receives one line per candidate layer (its effect and coherence drop).
+    """
     layers = list(layers) if layers is not None else default_candidate_layers(vector.num_layers)
     if not layers:
         raise SelectionError("no candidate layers to select from")
@@ -88,13 +106,26 @@ def select_layer(
 
 
 def record_selection(vector: PersonaVector, selection: LayerSelection) -> None:
-    """Store the chosen layer in the vector's metadata (save the vector afterwards)."""
+    """Store the chosen layer in the vector's metadata (save the vector afterwards).
+
+    Args:
+        vector: the vector whose metadata is updated.
+        selection: the selection; its layer becomes the recommended layer and its record goes in
+            the layer stats.
+    """
     vector.meta.recommended_layer = selection.layer
     vector.meta.layer_stats["selection"] = selection.to_dict()
 
 
 def select_and_record(model, tokenizer, vector: PersonaVector, trait, **kwargs) -> LayerSelection:
-    """Layer selection on the selection half of ``trait``'s example pairs, stored in ``vector``."""
+    """Layer selection on the selection half of ``trait``'s example pairs, stored in ``vector``.
+
+    Args:
+        model, tokenizer: the model and its tokenizer.
+        vector: the trait's persona vector; its metadata receives the selection.
+        trait: the trait (a :class:`~guard.traits.Trait`); at least 2 selection pairs are needed.
+        kwargs: passed on to :func:`select_layer` (``layers``, ``coeff``, ``batch_size``, ...).
+    """
     selection_pairs = list(trait.split().selection_examples)
     if len(selection_pairs) < 2:
         raise SelectionError(f"trait {trait.name!r} has {len(trait.examples)} example pair(s); layer selection needs "

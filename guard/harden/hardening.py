@@ -59,7 +59,15 @@ def ab_direction(model, tokenizer, items: Sequence[ABItem], layer: int, layer_pa
                  batch_size: int = 16) -> torch.Tensor:
     """The paper's RESGA direction from A/B pairs: mean last-token residual with the trait's
     answer letter minus with the other one (answer written as "(X)" after the chat template),
-    oriented trait-minus-good like a persona vector."""
+    oriented trait-minus-good like a persona vector.
+
+    Args:
+        model, tokenizer: the model read and its tokenizer.
+        items: the A/B items (at least one).
+        layer: the layer whose residual is read.
+        layer_path: the decoder-block list, when auto-discovery needs help.
+        batch_size: texts per forward.
+    """
     if not items:
         raise HardenError("no A/B items to build a direction from")
     bad = [format_messages(tokenizer, [{"role": "user", "content": it.question}]) + f"({it.matching})" for it in items]
@@ -80,7 +88,12 @@ def _split_template(tokenizer, before: list[dict], after: list[dict], where: str
 
 def system_slot(tokenizer, questions: Sequence[str]) -> PromptSlot:
     """The prompt as the system prompt of each question's conversation (the deployment case),
-    read at the last token before the reply."""
+    read at the last token before the reply.
+
+    Args:
+        tokenizer: the tokenizer whose chat template places the prompt.
+        questions: the user questions, one context each.
+    """
     prefixes, suffixes = [], []
     for q in questions:
         head, tail = _split_template(tokenizer, [{"role": "system", "content": PLACEHOLDER}],
@@ -91,7 +104,12 @@ def system_slot(tokenizer, questions: Sequence[str]) -> PromptSlot:
 
 
 def suffix_slot(tokenizer, questions: Sequence[str]) -> PromptSlot:
-    """The prompt appended to the user's question (the paper's placement), read before the reply."""
+    """The prompt appended to the user's question (the paper's placement), read before the reply.
+
+    Args:
+        tokenizer: the tokenizer whose chat template places the prompt.
+        questions: the user questions, one context each.
+    """
     prefixes, suffixes = [], []
     for q in questions:
         head, tail = _split_template(tokenizer, [], [{"role": "user", "content": f"{q} {PLACEHOLDER}"}], "suffix")
@@ -102,7 +120,14 @@ def suffix_slot(tokenizer, questions: Sequence[str]) -> PromptSlot:
 
 def in_context_check(tokenizer, slot: PromptSlot, question: str, placement: str) -> Callable[[Sequence[int]], bool]:
     """A token filter for EPO: the prompt's text, placed in the template the way it will be
-    deployed, tokenizes to exactly the ids that were optimised (no merges at the boundaries)."""
+    deployed, tokenizes to exactly the ids that were optimised (no merges at the boundaries).
+
+    Args:
+        tokenizer: the tokenizer the slot was built with.
+        slot: the prompt slot; its first context's prefix and suffix are the ids expected around the prompt.
+        question: the question of that first context.
+        placement: ``"system"`` (prompts with leading or trailing whitespace are refused) or ``"suffix"``.
+    """
     expected_head, expected_tail = list(slot.prefixes[0]), list(slot.suffixes[0])
 
     def check(ids: Sequence[int]) -> bool:
@@ -116,7 +141,14 @@ def in_context_check(tokenizer, slot: PromptSlot, question: str, placement: str)
 
 
 def place(tokenizer, question: str, prompt: str | None, placement: str) -> str:
-    """The templated text of ``question`` with ``prompt`` in its slot (None: no prompt)."""
+    """The templated text of ``question`` with ``prompt`` in its slot (None: no prompt).
+
+    Args:
+        tokenizer: the tokenizer whose chat template is applied.
+        question: the user question.
+        prompt: the prompt text (None or empty: the question alone).
+        placement: ``"system"`` (the prompt as system message) or ``"suffix"`` (appended to the question).
+    """
     if not prompt:
         return format_messages(tokenizer, [{"role": "user", "content": question}])
     if placement == "system":
@@ -142,14 +174,27 @@ class HardenConfig:
 
 def projections(model, tokenizer, texts: Sequence[str], direction: torch.Tensor, layer: int,
                 layer_path: str | None = None) -> list[float]:
-    """Last-token projections of templated texts on the unit direction (the monitor statistic)."""
+    """Last-token projections of templated texts on the unit direction (the monitor statistic).
+
+    Args:
+        model, tokenizer: the model read and its tokenizer.
+        texts: chat-templated texts, ending where the reply begins.
+        direction: the direction (normalised here).
+        layer: the layer whose residual is read.
+        layer_path: the decoder-block list, when auto-discovery needs help.
+    """
     acts = prompt_activations(model, tokenizer, list(texts), layers=[layer], layer_path=layer_path)
     unit = direction / direction.norm()
     return (acts[:, 0] @ unit).tolist()
 
 
 def prompt_xent(model, tokenizer, text: str) -> float:
-    """Mean next-token cross-entropy of the prompt text on its own (perplexity = exp of it)."""
+    """Mean next-token cross-entropy of the prompt text on its own (perplexity = exp of it).
+
+    Args:
+        model, tokenizer: the model scoring the text and its tokenizer.
+        text: the prompt text (NaN when it has fewer than 2 tokens).
+    """
     ids = encode(tokenizer, [text])[0]
     if len(ids) < 2:
         return float("nan")
@@ -248,6 +293,11 @@ class HardenReport:
         return data
 
     def save(self, out_dir: str | Path) -> dict[str, Path]:
+        """Write ``harden.json`` and ``harden.md``; returns their paths under ``"json"`` and ``"markdown"``.
+
+        Args:
+            out_dir: the folder to write into (created if missing).
+        """
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         paths = {"json": out / "harden.json", "markdown": out / "harden.md"}
@@ -348,7 +398,15 @@ def compare_conditions(conditions: Sequence[ConditionReport], *, n_boot: int = 2
 
 def objective_on(model, tokenizer, texts: Sequence[str], objective: Objective, layer: int,
                  layer_path: str | None = None) -> float:
-    """Mean objective over templated texts, read at their last token (exact forwards)."""
+    """Mean objective over templated texts, read at their last token (exact forwards).
+
+    Args:
+        model, tokenizer: the model read and its tokenizer.
+        texts: chat-templated texts, ending where the reply begins.
+        objective: maps ``(n, hidden)`` residuals to one value per text.
+        layer: the layer whose residual is read.
+        layer_path: the decoder-block list, when auto-discovery needs help.
+    """
     acts = prompt_activations(model, tokenizer, list(texts), layers=[layer], layer_path=layer_path)
     with torch.no_grad():
         return float(objective(acts[:, 0]).mean())
@@ -356,7 +414,16 @@ def objective_on(model, tokenizer, texts: Sequence[str], objective: Objective, l
 
 def example_activations(model, tokenizer, pairs, layer: int, layer_path: str | None = None):
     """Last-token residuals of (question, trait answer) and (question, normal answer) texts, as
-    the paper's signature step reads them."""
+    the paper's signature step reads them.
+
+    Args:
+        model, tokenizer: the model read and its tokenizer.
+        pairs: example pairs with ``question``, ``trait`` and ``non_trait`` answers.
+        layer: the layer whose residual is read.
+        layer_path: the decoder-block list, when auto-discovery needs help.
+
+    Returns the ``(n, hidden)`` residuals of the trait texts and of the normal texts.
+    """
     def text(question, answer):
         return format_messages(tokenizer, [{"role": "user", "content": question}]) + answer
     acts = prompt_activations(model, tokenizer, [text(e.question, e.trait) for e in pairs]
@@ -373,6 +440,24 @@ def harden(model, tokenizer, vector: PersonaVector, trait: Trait, config: Harden
     RESGA by default: the target is −h·d̂ with d the persona vector (or ``direction``). With
     ``sae``, SAEGA: the target is Σ w·z over the top ``sae_fraction`` of latents by |trait −
     normal mean activation| on the validation half of the trait's example pairs.
+
+    Args:
+        model, tokenizer: the model to harden and its tokenizer.
+        vector: the trait's persona vector (checked against the model).
+        trait: the trait: its extraction questions are the optimisation contexts, its evaluation
+            questions (at least 4) split into validation and test, its example pairs into
+            latent-selection and held-out pairs.
+        config: placement, contexts, candidates, fluency limit, initial prompt, seed and EPO settings.
+        layer: the layer read (None: the vector's recommended layer).
+        direction: a direction to move away from instead of the persona vector at ``layer``
+            (also the one test projections are read on).
+        sae: a sparse autoencoder at ``layer``, for SAEGA (None: RESGA).
+        sae_fraction: with ``sae``, the fraction of its latents in the objective.
+        instruction: the hand-written baseline prompt (None: the built-in one for the trait, or a
+            generic one).
+        layer_path: the decoder-block list, when auto-discovery needs help.
+        progress: show the optimisers' progress bars.
+        log: receives progress messages.
     """
     import time
 

@@ -59,6 +59,12 @@ class EPOConfig:
 
     @classmethod
     def preset(cls, fluency: str = "medium", **overrides) -> "EPOConfig":
+        """A config with a preset's fluency weights.
+
+        Args:
+            fluency: ``"strict"``, ``"medium"`` or ``"loose"`` (see ``PRESETS``).
+            overrides: other config fields, which also win over the preset's.
+        """
         if fluency not in PRESETS:
             raise OptimizeError(f"unknown fluency preset {fluency!r}; choose from {', '.join(PRESETS)}")
         return cls(**{**PRESETS[fluency], **overrides})
@@ -129,7 +135,11 @@ class EPOResult:
 
 
 def pareto_frontier(candidates: Sequence[Candidate]) -> list[Candidate]:
-    """Candidates no other beats on both counts (higher target, lower xent), by increasing xent."""
+    """Candidates no other beats on both counts (higher target, lower xent), by increasing xent.
+
+    Args:
+        candidates: the evaluated candidates.
+    """
     ordered = sorted(candidates, key=lambda c: (c.xent, -c.target))
     frontier, best = [], -math.inf
     for cand in ordered:
@@ -141,7 +151,13 @@ def pareto_frontier(candidates: Sequence[Candidate]) -> list[Candidate]:
 
 def allowed_tokens(tokenizer, vocab_rows: int, ascii_only: bool = True) -> torch.Tensor:
     """Boolean mask over embedding rows: real vocabulary, no special or added tokens, and (by
-    default) only tokens that decode to printable ASCII with at least one visible character."""
+    default) only tokens that decode to printable ASCII with at least one visible character.
+
+    Args:
+        tokenizer: the tokenizer decoding each token.
+        vocab_rows: the input embedding's row count (rows past the tokenizer's vocabulary stay masked).
+        ascii_only: also require printable ASCII with a visible character.
+    """
     mask = torch.zeros(vocab_rows, dtype=torch.bool)
     special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
     for token_id in range(min(vocab_rows, len(tokenizer))):
@@ -160,7 +176,12 @@ def allowed_tokens(tokenizer, vocab_rows: int, ascii_only: bool = True) -> torch
 
 def retokenizes(tokenizer, ids: Sequence[int]) -> bool:
     """True when the decoded text encodes back to the same ids (so the prompt we report is the
-    prompt we measured)."""
+    prompt we measured).
+
+    Args:
+        tokenizer: the tokenizer.
+        ids: the prompt's token ids.
+    """
     return tokenizer(tokenizer.decode(list(ids)), add_special_tokens=False)["input_ids"] == list(ids)
 
 
@@ -242,7 +263,18 @@ Objective = Callable[[torch.Tensor], torch.Tensor]  # (batch, hidden) residuals 
 
 class EPO:
     """The optimiser. ``objective`` maps residuals at ``layer`` (read per ``slot``) to targets to
-    maximise; with several contexts the target and xent are means over them."""
+    maximise; with several contexts the target and xent are means over them.
+
+    Args:
+        model, tokenizer: the model whose residuals are read and its tokenizer.
+        objective: ``(batch, hidden)`` residuals to ``(batch,)`` targets.
+        layer: the layer read (negative counts from the end).
+        slot: where the prompt sits in each context (default: the prompt alone).
+        config: the search settings.
+        layer_path: the decoder-block list, when auto-discovery needs help.
+        validate: which token sequences may be proposed (None: those that survive decode and
+            re-encode, :func:`retokenizes`).
+    """
 
     def __init__(self, model, tokenizer, objective: Objective, layer: int, slot: PromptSlot = PromptSlot.bare(),
                  config: EPOConfig = EPOConfig(), layer_path: str | None = None,
@@ -295,7 +327,14 @@ class EPO:
 
     def token_gradients(self, ids: torch.Tensor, penalties: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """∂(−target + λ·xent)/∂one-hot for each row, with the row's exact target and xent from
-        the same pass."""
+        the same pass.
+
+        Args:
+            ids: ``(rows, prompt_length)`` prompt token ids.
+            penalties: the fluency weight λ of each row.
+
+        Returns the gradients ``(rows, prompt_length, vocab_rows)``, targets and xents, on the CPU.
+        """
         with eval_mode(self.model):
             forward = self._forward()
             one_hot = torch.nn.functional.one_hot(ids.to(forward.device), self.vocab_rows).float().requires_grad_(True)
@@ -345,6 +384,13 @@ class EPO:
         return children[keep]
 
     def run(self, initial: Sequence[Sequence[int]] | None = None, progress: bool = False) -> EPOResult:
+        """Run the search (see the module docstring).
+
+        Args:
+            initial: starting prompts as token ids, each ``prompt_length`` long, repeated to fill the
+                population (None: random prompts that pass the token filters).
+            progress: show a progress bar over the iterations.
+        """
         cfg = self.config
         generator = torch.Generator().manual_seed(cfg.seed)
         penalties = cfg.penalties()

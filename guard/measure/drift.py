@@ -22,7 +22,11 @@ from ..core.vectors import PersonaVector
 
 
 def default_probe_prompts(vectors: Sequence[PersonaVector]) -> list[str]:
-    """The evaluation questions of every vector's shipped trait (no system prompt), without repeats."""
+    """The evaluation questions of every vector's shipped trait (no system prompt), without repeats.
+
+    Args:
+        vectors: the persona vectors; a trait that is not shipped raises ValueError.
+    """
     try:
         return evaluation_prompts(v.trait for v in vectors)
     except TraitError as exc:
@@ -59,6 +63,12 @@ class TraitShift:
         return abs(self.shift) / max(self.random_shift, 1e-12)
 
     def metrics(self, prefix: str = "persona") -> dict[str, float]:
+        """The shift as logging metrics named ``{prefix}/{trait}/...`` (shift, shift_frac, projection,
+        random_shift, shift_over_random).
+
+        Args:
+            prefix: the first part of every metric name.
+        """
         base = f"{prefix}/{self.trait}"
         return {f"{base}/shift": self.shift, f"{base}/shift_frac": self.shift_frac,
                 f"{base}/projection": self.projection, f"{base}/random_shift": self.random_shift,
@@ -114,6 +124,11 @@ class DriftProbe:
             self.base = self.mean_activations(model)
 
     def measure(self, model) -> list[TraitShift]:
+        """The shift of each vector's trait since :meth:`set_reference` (or :meth:`load_state_dict`).
+
+        Args:
+            model: the current model, probed as :meth:`mean_activations` does.
+        """
         if self.base is None:
             raise RuntimeError("set_reference(base model) must run before measure()")
         current = self.mean_activations(model)

@@ -361,7 +361,11 @@ class EvaluationReport:
     def rows(self, key: str) -> list[tuple[str, Estimate | None, Estimate | None]]:
         """Table rows of one metric: ``(condition, mean, paired difference)``. The difference of a
         condition is against the baseline (None for the baseline); after each random control a
-        ``"<name> vs its control"`` row carries the steered condition minus its control."""
+        ``"<name> vs its control"`` row carries the steered condition minus its control.
+
+        Args:
+            key: the metric's key (one of :attr:`metrics`).
+        """
         rows = []
         for result in self.conditions:
             rows.append((result.name, result.estimates[key], result.vs_baseline.get(key)))

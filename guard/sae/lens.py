@@ -65,7 +65,11 @@ def load_sae(source: str | Path, sae_id: str | None = None, device: str | torch.
 
 
 def sae_layer(sae) -> int | None:
-    """The decoder block an SAE reads, from our metadata or its hook name."""
+    """The decoder block an SAE reads, from our metadata or its hook name.
+
+    Args:
+        sae: a loaded SAE (the answer is None when neither names a layer).
+    """
     meta = sae.cfg.metadata
     if meta.get("persona_guard_layer") is not None:
         return int(meta["persona_guard_layer"])
@@ -112,7 +116,14 @@ def check_sae(sae, model, layer: int | None = None, *, allow_other_weights: bool
 def read_texts(source: str | Path, tokenizer=None, field: str = "text") -> list[str]:
     """Texts from a ``.jsonl`` file (``text`` field, or chat ``messages`` rendered through the
     tokenizer's template), a text file (one document per blank-line-separated paragraph), or a
-    saved ``datasets`` directory (its ``text`` column)."""
+    saved ``datasets`` directory (its ``text`` column).
+
+    Args:
+        source: the ``.jsonl`` file, text file or ``datasets`` directory.
+        tokenizer: renders ``messages`` records through its chat template (None: such records are
+            refused).
+        field: the record field or dataset column holding the text.
+    """
     from ..core.data import DataFileError, read_jsonl
 
     path = Path(source)
@@ -146,7 +157,16 @@ def residual_batches(model, tokenizer, texts: Sequence[str], layer: int, *, cont
                      batch_size: int = 16, layer_path: str | None = None) -> Iterator[tuple[torch.Tensor, list]]:
     """``(activations (n_tokens, d), [(text index, token index)])`` per forward batch: every
     text cut into windows of ``context_size`` tokens; padding and each window's first token
-    (the attention sink, an outlier) are left out."""
+    (the attention sink, an outlier) are left out.
+
+    Args:
+        model, tokenizer: the model read and its tokenizer (texts are tokenized without special tokens).
+        texts: the texts.
+        layer: the layer whose output is read.
+        context_size: tokens per window.
+        batch_size: windows per forward.
+        layer_path: the decoder-block list, when auto-discovery needs help.
+    """
     ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
     windows = [(t, start, seq[start:start + context_size]) for t, seq in enumerate(ids)
                for start in range(0, max(len(seq) - 1, 1), context_size) if len(seq[start:start + context_size]) > 1]
@@ -185,7 +205,18 @@ def train_sae(model, tokenizer, texts: Sequence[str], layer: int, config: SAETra
               device: str | torch.device | None = None):
     """Train a TopK SAE on ``layer``'s residual stream over ``texts``; returns ``(sae, stats)``
     with the inference SAE and reconstruction statistics on held-out tokens. It trains on
-    ``device``, by default where the layer's activations are (the model's device)."""
+    ``device``, by default where the layer's activations are (the model's device).
+
+    Args:
+        model, tokenizer: the model whose residuals are read and its tokenizer.
+        texts: the training text (see :func:`read_texts`).
+        layer: the layer (negative counts from the end).
+        config: the SAE's width and sparsity, and the training settings.
+        layer_path: the decoder-block list, when auto-discovery needs help.
+        progress: show progress bars (collecting activations, and sae-lens's own).
+        log: receives progress messages.
+        device: where the SAE trains (None: the activations' device).
+    """
     sae_lens = _sae_lens()
     from sae_lens.config import LoggingConfig, SAETrainerConfig
 
@@ -264,7 +295,12 @@ def _to_inference(training_sae, device="cpu"):
 
 @torch.no_grad()
 def reconstruction_stats(sae, acts: torch.Tensor) -> dict:
-    """Fraction of variance explained, mean L0 and the fraction of latents never active."""
+    """Fraction of variance explained, mean L0 and the fraction of latents never active.
+
+    Args:
+        sae: the SAE.
+        acts: ``(n_tokens, d)`` activations at its layer.
+    """
     acts = acts.to(sae.W_enc.device)
     z = sae.encode(acts)
     recon = sae.decode(z)
@@ -275,6 +311,12 @@ def reconstruction_stats(sae, acts: torch.Tensor) -> dict:
 
 
 def save_sae(sae, path: str | Path) -> Path:
+    """Save an SAE in sae-lens's format (``sae_weights.safetensors`` + ``cfg.json``); returns the path.
+
+    Args:
+        sae: the SAE.
+        path: the directory to write (created if missing).
+    """
     path = Path(path)
     sae.save_model(path)
     return path
@@ -287,7 +329,13 @@ def select_latents(sae, trait_acts: torch.Tensor, non_trait_acts: torch.Tensor,
                    fraction: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
     """``(latent indices, weights)``: the top ``fraction`` of latents by |mean difference of
     activations| (trait minus non-trait), weighted by −difference, so maximising
-    Σ w·z pushes trait latents down and non-trait latents up (the paper's "away" target)."""
+    Σ w·z pushes trait latents down and non-trait latents up (the paper's "away" target).
+
+    Args:
+        sae: the SAE.
+        trait_acts, non_trait_acts: ``(n, d)`` residuals of the trait and non-trait texts.
+        fraction: the share of latents kept, in (0, 1] (at least one latent).
+    """
     if not 0 < fraction <= 1:
         raise SAEError(f"fraction must be in (0, 1], got {fraction}")
     device = sae.W_enc.device
@@ -298,7 +346,13 @@ def select_latents(sae, trait_acts: torch.Tensor, non_trait_acts: torch.Tensor,
 
 
 def latent_objective(sae, idx: torch.Tensor, weights: torch.Tensor):
-    """SAEGA's target for EPO: Σ_k w_k · z_k(h)."""
+    """SAEGA's target for EPO: Σ_k w_k · z_k(h).
+
+    Args:
+        sae: the SAE encoding the residuals.
+        idx: the latent indices.
+        weights: one weight per latent in ``idx``.
+    """
     def objective(h: torch.Tensor) -> torch.Tensor:
         # On the SAE's device and dtype, back on the activation's (autograd follows the moves).
         z = sae.encode(h.to(device=sae.W_enc.device, dtype=sae.W_enc.dtype))
@@ -311,7 +365,21 @@ def explain(sae, direction: torch.Tensor, model, tokenizer, texts: Sequence[str]
             snippets: int = 3, window: int = 8, context_size: int = 128, max_texts: int = 2000,
             layer_path: str | None = None) -> list[dict]:
     """The ``top`` latents by |cosine| between their decoder row and ``direction``, each with its
-    ``snippets`` highest-activating contexts in ``texts`` (the activating token in [brackets])."""
+    ``snippets`` highest-activating contexts in ``texts`` (the activating token in [brackets]).
+
+    Args:
+        sae: the SAE.
+        direction: the direction compared with the decoder rows (a persona vector at ``layer``).
+        model, tokenizer: the model whose residuals are read and its tokenizer.
+        texts: the text sample searched for snippets.
+        layer: the layer the SAE reads.
+        top: how many latents.
+        snippets: contexts per latent at most.
+        window: tokens shown before the activating token (half as many after it).
+        context_size: tokens per window of text read.
+        max_texts: texts read at most (the first ones).
+        layer_path: the decoder-block list, when auto-discovery needs help.
+    """
     dec = sae.W_dec.detach().float()
     direction = direction.float().to(dec.device)
     cos = (dec @ direction) / (dec.norm(dim=1) * direction.norm() + 1e-12)
@@ -341,6 +409,12 @@ def explain(sae, direction: torch.Tensor, model, tokenizer, texts: Sequence[str]
 
 
 def write_explanations(explanations: list[dict], path: str | Path) -> Path:
+    """Write explanations as indented JSON; returns the path.
+
+    Args:
+        explanations: the list from :func:`explain`.
+        path: the file to write.
+    """
     path = Path(path)
     path.write_text(json.dumps(explanations, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return path

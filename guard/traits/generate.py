@@ -41,7 +41,13 @@ class ChatGenerator(Protocol):
     """Anything that answers a chat: ``chat(messages) -> str`` with OpenAI-style
     ``[{"role": "system" | "user" | "assistant", "content": str}, ...]`` messages."""
 
-    def chat(self, messages: Messages) -> str: ...
+    def chat(self, messages: Messages) -> str:
+        """The assistant's reply text.
+
+        Args:
+            messages: the conversation so far, OpenAI-style role/content dicts.
+        """
+        ...
 
 
 # -- generators -------------------------------------------------------------------------------
@@ -192,7 +198,11 @@ def build_prompt(name: str, description: str, *, pairs: int, extraction_question
 
 
 def retry_message(problems: Sequence[str]) -> str:
-    """The user turn sent back after an unusable reply: every problem, then what to do."""
+    """The user turn sent back after an unusable reply: every problem, then what to do.
+
+    Args:
+        problems: what is wrong with the reply, one line each.
+    """
     return ("Your reply cannot be used as the trait definition. Problems:\n"
             + "\n".join(f"- {p}" for p in problems)
             + "\n\nReply again with the complete corrected JSON object only, following every rule.")
@@ -236,7 +246,12 @@ def extract_json(reply: str) -> tuple[dict | None, str | None]:
 
 def check_counts(data: dict, counts: dict[str, int]) -> list[str]:
     """Problems with how many entries each list has, against the ``counts`` asked for (too few
-    is a problem; extra entries are trimmed later)."""
+    is a problem; extra entries are trimmed later).
+
+    Args:
+        data: the parsed trait object.
+        counts: entries asked for, per list key (a key missing or not a list is not counted here).
+    """
     problems = []
     for key, wanted in counts.items():
         value = data.get(key)

@@ -56,7 +56,7 @@ def train_once(name: str, conversations, vector, args, steer_coeff: float | None
 
     model, tokenizer, _ = load_model()
     # Every layer's shift at the end, beside the logged one at the vector's layer: the full picture.
-    every_layer = DriftProbe([vector] * vector.num_layers, tokenizer, layers=list(range(vector.num_layers)),
+    every_layer = DriftProbe([vector], tokenizer, each_at=list(range(vector.num_layers)),
                              n_random=16)
     every_layer.set_reference(model)
     rng = random.Random(args.seed)

@@ -85,19 +85,21 @@ class DriftProbe:
     """
 
     def __init__(self, vectors: Sequence[PersonaVector], tokenizer, prompts: Sequence | None = None, *,
-                 layers: Sequence[int | None] | None = None, n_random: int = 8, seed: int = 0, batch_size: int = 16,
-                 layer_path: str | None = None):
+                 layers: Sequence[int | None] | None = None, each_at: Sequence[int] | None = None, n_random: int = 8,
+                 seed: int = 0, batch_size: int = 16, layer_path: str | None = None):
         """Args:
             vectors: one persona vector per trait.
             tokenizer: the model's tokenizer (prompts go through its chat template).
             prompts: the probe set (default: the vectors' traits' evaluation questions).
             layers: a layer per vector (None: recommended layers).
+            each_at: instead of ``layers``, read every vector at each of these layers (one shift each).
             n_random: random unit directions for the noise floor, per vector.
             seed: seed of the random directions.
             batch_size: prompts per forward.
             layer_path: the decoder-block list, when auto-discovery needs help.
         """
-        self.readout = Readout(vectors, layers, batch_size=batch_size, layer_path=layer_path, error=ValueError)
+        self.readout = Readout(vectors, layers, each_at=each_at, batch_size=batch_size, layer_path=layer_path,
+                               error=ValueError)
         self.vectors, self.layers, self.norms = self.readout.vectors, self.readout.layers, self.readout.norms
         self.units = list(self.readout.units)
         self.random = [random_directions(n_random, v.hidden_size, 1.0, seed + i) for i, v in enumerate(self.vectors)]

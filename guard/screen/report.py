@@ -87,11 +87,65 @@ def histogram(result: ScreenResult, name: str, threshold: float | None, path: Pa
     plt.close(fig)
 
 
+def matplotlib_available() -> bool:
+    """Whether matplotlib (the ``train`` extra) imports. Tried, not looked up: a package that is
+    found but fails to import (a broken or partial install) must also mean no plots."""
+    try:
+        import matplotlib  # noqa: F401  (the package only, not pyplot: cheap)
+    except ImportError:
+        return False
+    return True
+
+
+def plot_name(name: str) -> str:
+    """A key name as it appears in plot file names (``evil@L16`` -> ``evil_L16``)."""
+    return name.replace("@", "_")
+
+
+def scatter(result: ScreenResult, a: str, b: str, path: Path, thresholds: dict[str, float] | None = None) -> None:
+    """Scatter of two keys' scores, one point per sample scored for both, with their thresholds.
+
+    Args:
+        result: the screen's scores.
+        a, b: the key names on the x and y axes.
+        path: the PNG to write.
+        thresholds: score thresholds by key name, drawn as dashed lines.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pairs = [(x, y) for x, y in zip(result.primary(a), result.primary(b)) if x is not None and y is not None]
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    ax.scatter([x for x, _ in pairs], [y for _, y in pairs], s=10, alpha=0.6)
+    for name, line in ((a, ax.axvline), (b, ax.axhline)):
+        if thresholds and thresholds.get(name) is not None:
+            line(thresholds[name], color="red", ls="--", lw=1)
+    what = "ΔP" if result.mode == "full" else "approx ΔP"
+    ax.set_xlabel(f"{what}, {a}")
+    ax.set_ylabel(f"{what}, {b}")
+    ax.set_title(f"{len(pairs)} samples", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_summary(summary: dict, path: Path) -> None:
+    """Write the run's summary as indented JSON.
+
+    Args:
+        summary: the summary dict (:attr:`guard.screen.pipeline.ScreenRun.summary`).
+        path: the file to write.
+    """
+    path.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def write_report(out_dir: str | Path, result: ScreenResult, samples: Sequence[Sample], thresholds: dict[str, float],
                  over: dict[int, list[str]], summary: dict, reference: ScreenResult | None = None,
                  plots: bool = True) -> dict[str, Path]:
-    """Write ``report.jsonl``, ``report.csv``, ``summary.json`` and ``hist_<trait>.png`` files;
-    returns their paths by kind."""
+    """Write ``report.jsonl``, ``report.csv``, ``summary.json``, ``hist_<trait>.png`` files and,
+    with two keys or more, ``scatter_<a>_<b>.png``; returns their paths by kind."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = report_rows(result, samples, over)
@@ -99,9 +153,12 @@ def write_report(out_dir: str | Path, result: ScreenResult, samples: Sequence[Sa
     paths = {"jsonl": out / "report.jsonl", "csv": out / "report.csv", "summary": out / "summary.json"}
     write_jsonl(rows, paths["jsonl"])
     write_csv(rows, names, paths["csv"])
-    paths["summary"].write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_summary(summary, paths["summary"])
     if plots:
         for name in names:
-            paths[f"hist_{name}"] = out / f"hist_{name.replace('@', '_')}.png"
+            paths[f"hist_{name}"] = out / f"hist_{plot_name(name)}.png"
             histogram(result, name, thresholds.get(name), paths[f"hist_{name}"], reference)
+        if len(names) >= 2:  # the first two keys' scores against each other
+            paths["scatter"] = out / f"scatter_{plot_name(names[0])}_{plot_name(names[1])}.png"
+            scatter(result, names[0], names[1], paths["scatter"], thresholds)
     return paths

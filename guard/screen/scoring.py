@@ -220,11 +220,15 @@ class Screener:
     """Scores samples for every key in one pass per stage; see the module docstring.
 
     ``checkpoint_path`` makes the run resumable; ``generation_cache`` (default: under the
-    persona-guard cache directory) keeps base responses between runs.
+    persona-guard cache directory) keeps base responses between runs. ``generator`` makes the
+    base responses somewhere else: a callable like :func:`~guard.core.generation.cached_generate`
+    with an ``identity`` (:class:`~guard.core.generation.RemoteGenerator`: a completions server);
+    None generates in process.
     """
 
     def __init__(self, model, tokenizer, vectors: Sequence[PersonaVector], config: ScreenConfig = ScreenConfig(),
-                 layers: Sequence[int] | None = None, generation_cache: str | Path | None = None):
+                 layers: Sequence[int] | None = None, generation_cache: str | Path | None = None,
+                 generator=None):
         for vector in vectors:
             vector.ensure_fits(model)
         self.model, self.tokenizer, self.config = model, tokenizer, config
@@ -235,6 +239,7 @@ class Screener:
         self.window = int(window)
         self.sampling = SamplingConfig(max_new_tokens=config.max_new_tokens, temperature=0.0)
         self.generation_cache = Path(generation_cache) if generation_cache else cache_dir() / "base_responses.sqlite"
+        self.generator = generator
 
     # -- tokenisation -------------------------------------------------------------------------
     def _tokenize(self, samples: Sequence[Sample]) -> tuple[list[list[int]], list[list[int]]]:
@@ -298,7 +303,8 @@ class Screener:
         model_identity = [model_name(self.model), state_fingerprint(self.model)]
         checkpoint = None
         if checkpoint_path:
-            fingerprint = _fingerprint(model_identity, self.keys, self.units, self.config,
+            served = [self.generator.identity] if self.generator is not None and self.config.mode == "full" else []
+            fingerprint = _fingerprint(model_identity + served, self.keys, self.units, self.config,
                                        [(prompts[i], responses[i]) for i in range(len(samples))])
             checkpoint = Checkpoint(checkpoint_path, fingerprint, warn)
         mean, last = self._stage("train", prompts, responses, usable, checkpoint, progress)
@@ -309,7 +315,7 @@ class Screener:
             base_prompts = [prompts[i][-room:] for i in range(len(samples))]
             cache = GenerationCache(self.generation_cache)
             try:
-                base_ids, generated = cached_generate(
+                base_ids, generated = (self.generator or cached_generate)(
                     self.model, self.tokenizer, [base_prompts[i] for i in usable], self.sampling, cache,
                     ":".join(model_identity),
                     batch_size=self.config.generation_batch_size, progress=progress, desc="base responses")

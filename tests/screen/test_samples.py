@@ -115,8 +115,11 @@ def test_saved_datasets_directory_and_filtered_copy(tmp_path):
 
 
 def test_unknown_sources_are_clear_errors(tmp_path):
-    (tmp_path / "d.parquet").write_text("x")
+    (tmp_path / "d.tsv").write_text("x")
     with pytest.raises(DataFileError, match="unknown format"):
+        load_samples(tmp_path / "d.tsv")
+    (tmp_path / "d.parquet").write_text("x")
+    with pytest.raises(DataFileError, match="not a readable parquet file"):
         load_samples(tmp_path / "d.parquet")
     with pytest.raises(DataFileError, match="not in the local datasets cache"):
         load_samples("no-such-user/no-such-dataset-xyz")

@@ -1,0 +1,210 @@
+"""``autosteer``: steer a model from a one-sentence description with an SAE, and report it honestly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from .checks import FINITE, PathError, distinct_outputs, writable_dir
+from .common import (
+    build_judge,
+    console,
+    emit_json,
+    friendly_errors,
+    judge_options,
+    load_model_from,
+    model_options,
+    progress_log,
+)
+
+
+def _check_sae_source(sae_source: str, sae_id: str | None) -> None:
+    """A local SAE directory exists and holds cfg.json; anything else needs --sae-id (a sae-lens release)."""
+    from guard.errors import SAEError
+
+    path = Path(sae_source).expanduser()
+    if path.exists():
+        if not path.is_dir() or not (path / "cfg.json").is_file():
+            raise SAEError(f"--sae {path} is not an SAE directory (no cfg.json); give the directory "
+                           "`persona-guard sae train ... --out DIR` wrote")
+    elif sae_id is None:
+        raise SAEError(f"--sae {path} does not exist; train one with `persona-guard sae train TEXT --layer L "
+                       f"--out {path}`, or give a sae-lens release with --sae-id")
+
+
+def _check_out(out_dir: Path) -> None:
+    """--out is a new or empty directory that can be created (nothing is written there until the end)."""
+    writable_dir(out_dir, "--out")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        raise PathError(f"--out {out_dir} exists and is not empty; give a new directory (nothing is overwritten)")
+
+
+@click.command()
+@click.argument("description")
+@click.option("--sae", "sae_source", required=True,
+              help="SAE directory (as `persona-guard sae train` writes it), or a sae-lens release with --sae-id.")
+@click.option("--sae-id", default=None, help="SAE id within a sae-lens release.")
+@click.option("--layer", type=int, default=None, help="Layer the SAE reads. Default: the SAE's own (checked).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="New directory for steering.safetensors (the spec), report.json and report.md.")
+@click.option("--latents", "k", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Latents chosen at most.")
+@click.option("--candidates", type=click.IntRange(min=1), default=12, show_default=True,
+              help="Candidate latents by mean difference, before the output score.")
+@click.option("--max-density", type=click.FloatRange(0, 1, min_open=True), default=0.25, show_default=True,
+              help="Drop latents firing on more than this fraction of answer tokens.")
+@click.option("--min-output-score", type=FINITE, default=0.0, show_default=True,
+              help="Drop candidates whose output score (nats/token toward the prompted answers) is not above this.")
+@click.option("--budget", type=click.IntRange(min=1), default=24, show_default=True,
+              help="Evaluations per weight search (each generates answers to every dev prompt).")
+@click.option("--max-strength", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True,
+              help="Upper end of each latent's strength, in units of the mean residual norm at the layer.")
+@click.option("--dev", "n_dev", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Dev prompts (selection and tuning) taken from the bank.")
+@click.option("--test", "n_test", type=click.IntRange(min=1), default=24, show_default=True,
+              help="Held-out test prompts the report is measured on.")
+@click.option("--prompts", "prompt_bank", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Your own prompt bank: a JSON object with 'dev' and 'test' lists. Default: the shipped one.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=48, show_default=True,
+              help="Length cap of every greedy answer.")
+@click.option("--positions", type=click.Choice(["response", "all"]), default="response", show_default=True,
+              help="Steer the reply only (from the last prompt token on) or every position.")
+@click.option("--neutral-system", default=None,
+              help="The neutral system prompt the unsteered answers are written under. "
+                   "[default: You are a helpful assistant.]")
+@click.option("--control", type=click.Choice(["tuned", "equal-norm"]), default="tuned", show_default=True,
+              help="Random-latent control: searched with the same budget, or the chosen strengths at equal norm.")
+@click.option("--no-diffmean", is_flag=True, help="Skip tuning and reporting the DiffMean direction.")
+@click.option("--allow-other-weights", is_flag=True,
+              help="Accept an SAE trained on other weights of the same model (a finetune of it).")
+@model_options
+@judge_options
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the search, the control and the bootstrap.")
+@click.option("--bootstrap", "n_boot", type=click.IntRange(min=100), default=2000, show_default=True,
+              help="Bootstrap resamples per confidence interval.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Sequences per forward.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary instead of the tables.")
+@click.option("--quiet", is_flag=True, help="No progress bars or messages.")
+@friendly_errors
+def autosteer(description, sae_source, sae_id, layer, out_dir, k, candidates, max_density, min_output_score, budget,
+              max_strength, n_dev, n_test, prompt_bank, max_new_tokens, positions, neutral_system, control, no_diffmean,
+              allow_other_weights, model_id, dtype, device, layer_path, trust_remote_code, judge_model, judge_url,
+              judge_key_env, judge_cache, seed, n_boot, batch_size, as_json, quiet):
+    """Steer the model toward the behaviour DESCRIPTION says, with SAE latents, offline.
+
+    \b
+    1. The model answers ordinary dev prompts twice, greedily: with DESCRIPTION as the system
+       prompt and with a neutral one.
+    2. Latents: the SAE's mean activation difference between the two sets of answers; dead
+       latents and latents firing on more than --max-density of tokens dropped; AUROC and
+       cosine with the DiffMean direction recorded; each candidate steered alone, and those
+       that do not move the output toward the prompted answers (output score) dropped.
+    3. Weights: a search over the chosen latents' strengths on the dev prompts, maximising the
+       harmonic mean of concept, fluency and relevance; the best judged weights are kept.
+    4. Report on held-out test prompts (never used above): none, prompting with DESCRIPTION,
+       autosteer, prompt + autosteer, the DiffMean direction and random latents tuned the same
+       way, each with 95% CIs, paired differences and capability (ordinary answers' log-lik).
+
+    Concept is judge-free unless a judge is given: the preference for the prompted model's
+    answers over the unprompted model's. Plain prompting is its ceiling; AxBench found prompting
+    beats SAE steering, and the report says where it does here.
+
+    \b
+        persona-guard sae train corpus.txt --layer 14 --out saes/layer14
+        persona-guard autosteer "Talk like a pirate." --sae saes/layer14 --out runs/pirate
+        persona-guard evaluate --steer runs/pirate/steering.safetensors --pairs pirate_pairs.jsonl
+
+    On the embedded model with the defaults this takes minutes on a CPU (each search evaluation
+    answers every dev prompt); --budget, --dev and --max-new-tokens trade time for quality.
+    """
+    from guard.autosteer import AutosteerConfig, AutosteerError, load_prompt_bank
+    from guard.autosteer import autosteer as run_autosteer
+    from guard.core.models import input_device
+    from guard.sae.lens import load_sae
+
+    # Everything the options say is checked before any model is loaded.
+    if not description.strip():
+        raise AutosteerError("DESCRIPTION is empty; describe the behaviour in a sentence, e.g. "
+                             "persona-guard autosteer \"Talk like a pirate.\" --sae DIR --out DIR")
+    _check_sae_source(sae_source, sae_id)
+    _check_out(out_dir)
+    distinct_outputs({"--out": out_dir}, {"--sae": sae_source, "--prompts": prompt_bank})
+    options = {"k": k, "candidates": candidates, "max_density": max_density, "min_output_score": min_output_score,
+               "budget": budget, "max_strength": max_strength, "n_dev": n_dev, "n_test": n_test,
+               "max_new_tokens": max_new_tokens, "positions": positions, "control": control,
+               "tune_diffmean": not no_diffmean, "seed": seed, "n_boot": n_boot, "batch_size": batch_size,
+               "prompt_bank": str(prompt_bank) if prompt_bank else None}
+    if neutral_system is not None:
+        options["neutral_system"] = neutral_system
+    config = AutosteerConfig(**options)
+    load_prompt_bank(config.prompt_bank)  # a malformed --prompts fails now, not after the model loads
+
+    say = progress_log(quiet or as_json)
+    judge = build_judge(judge_model, judge_url, judge_key_env, judge_cache, device, dtype)
+    model, tokenizer, _ = load_model_from(model_id, dtype, device, trust_remote_code, say)
+    say(f"loading the SAE {sae_source}")
+    sae = load_sae(sae_source, sae_id, device=input_device(model))
+    result = run_autosteer(model, tokenizer, sae, description, config, layer=layer, sae_source=sae_source, judge=judge,
+                           allow_other_weights=allow_other_weights, layer_path=layer_path,
+                           progress=not (quiet or as_json), log=say)
+    result.save(out_dir, model)  # written beside --out and renamed into place: never half-written
+    if as_json:
+        emit_json(summary(result, out_dir))
+        return
+    print_result(result, out_dir)
+
+
+def summary(result, out_dir: Path) -> dict:
+    """What ``--json`` prints: the latents, every condition's means with CIs, autosteer's paired
+    differences, the time per stage and the files written.
+
+    Args:
+        result: the :class:`~guard.autosteer.AutosteerResult`.
+        out_dir: where it was saved.
+    """
+    data = result.to_dict()
+    return {"out": str(out_dir), "spec": str(out_dir / data["files"]["spec"]), "description": result.description,
+            "model": result.model, "sae": result.sae, "latents": data["latents"], "retrieval": result.retrieval,
+            "conditions": {c.name: {k: e.to_dict() for k, e in c.estimates.items()} for c in result.conditions},
+            "vs_none": {c.name: data["conditions"][i]["vs_none"] for i, c in enumerate(result.conditions) if i},
+            "autosteer_minus": data["comparisons"], "dev_score": result.searches["autosteer"].best.to_dict(),
+            "timings": result.timings}
+
+
+def print_result(result, out_dir: Path) -> None:
+    """The latents chosen, then one table of the test-prompt figures (means with CIs), then the verdicts."""
+    from rich.markup import escape
+
+    level = f"{result.config.level:.0%}"
+    latents = Table(title=escape(f"Latents at layer {result.sae['layer']} (strengths in units of the residual norm "
+                                 f"{result.retrieval['residual_norm']:.2f})"), title_justify="left")
+    for column in ("latent", "strength", "output score", "density", "picked by", "snippet"):
+        latents.add_column(column, overflow="fold", justify="left" if column in ("picked by", "snippet") else "right")
+    for record, strength in zip(result.latents, result.strengths):
+        latents.add_row(str(record.latent), f"{strength:.3f}", f"{record.output_score:+.3f}", f"{record.density:.3f}",
+                        ", ".join(record.picked_by), escape(record.snippets[0] if record.snippets else ""))
+    console.print(latents)
+    dropped = [r for r in result.records if r.status == "dropped"]
+    if dropped:
+        rules = sorted({r.rule for r in dropped})
+        console.print("dropped: " + "; ".join(f"{rule}: {', '.join(str(r.latent) for r in dropped if r.rule == rule)}"
+                                               for rule in rules), markup=False)
+    table = Table(title=escape(f"{len(result.prompts['test'])} held-out test prompts, means [{level} CI]"),
+                  title_justify="left", caption="capability: nats/token of ordinary answers", caption_justify="left")
+    table.add_column("condition", overflow="fold")
+    for key in ("concept", "fluency", "relevance", "harmonic", "capability"):
+        table.add_column(key, justify="right")
+    for c in result.conditions:
+        table.add_row(escape(c.name), *[c.estimates[k].format(2) for k in ("concept", "fluency", "relevance",
+                                                                             "harmonic", "capability")])
+    console.print(table)
+    for name, differences in result.comparisons.items():
+        harmonic, concept = differences["harmonic"], differences["concept"]
+        console.print(f"autosteer vs {name}: harmonic {harmonic.verdict()} ({harmonic.format(2)}), "
+                      f"concept {concept.verdict()} ({concept.format(2)})", markup=False)
+    cost = result.condition("autosteer").vs_none["capability"]
+    console.print(f"capability cost (autosteer minus none): {cost.format(3)} nats/token", markup=False)
+    console.print("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in result.timings.items()), markup=False)
+    console.print(f"spec: {out_dir / 'steering.safetensors'}; report: {out_dir / 'report.md'}", markup=False)

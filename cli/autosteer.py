@@ -191,15 +191,27 @@ def print_result(result, out_dir: Path) -> None:
         rules = sorted({r.rule for r in dropped})
         console.print("dropped: " + "; ".join(f"{rule}: {', '.join(str(r.latent) for r in dropped if r.rule == rule)}"
                                                for rule in rules), markup=False)
-    table = Table(title=escape(f"{len(result.prompts['test'])} held-out test prompts, means [{level} CI]"),
-                  title_justify="left", caption="capability: nats/token of ordinary answers", caption_justify="left")
-    table.add_column("condition", overflow="fold")
-    for key in ("concept", "fluency", "relevance", "harmonic", "capability"):
+    def cell(estimate) -> str:  # the mean over its CI: the table fits 80 columns
+        return "n/a" if estimate.n == 0 else f"{estimate.value:.2f}\n[{estimate.low:.2f}, {estimate.high:.2f}]"
+
+    table = Table(title=escape(f"{len(result.prompts['test'])} held-out test prompts: means [{level} CI], 0-1"),
+                  title_justify="left")
+    table.add_column("condition", overflow="fold", max_width=18)
+    scores = ("concept", "fluency", "relevance", "harmonic")
+    for key in scores:
         table.add_column(key, justify="right")
     for c in result.conditions:
-        table.add_row(escape(c.name), *[c.estimates[k].format(2) for k in ("concept", "fluency", "relevance",
-                                                                             "harmonic", "capability")])
+        table.add_row(escape(c.name), *[cell(c.estimates[k]) for k in scores])
     console.print(table)
+    capability = Table(title=escape(f"capability: nats/token of ordinary answers [{level} CI]"), title_justify="left")
+    capability.add_column("condition", overflow="fold", max_width=18)
+    capability.add_column("mean", justify="right")
+    capability.add_column("minus none (paired)", justify="right")
+    for c in result.conditions:
+        difference = c.vs_none.get("capability")
+        capability.add_row(escape(c.name), c.estimates["capability"].format(3),
+                           difference.format(3) if difference is not None else "")
+    console.print(capability)
     for name, differences in result.comparisons.items():
         harmonic, concept = differences["harmonic"], differences["concept"]
         console.print(f"autosteer vs {name}: harmonic {harmonic.verdict()} ({harmonic.format(2)}), "

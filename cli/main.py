@@ -234,6 +234,7 @@ def print_vector_summary(vector, path) -> None:
     console.print(table)
 
 
+from .autosteer import autosteer  # noqa: E402
 from .evaluate import evaluate  # noqa: E402
 from .harden import harden  # noqa: E402
 from .monitor import monitor  # noqa: E402
@@ -242,7 +243,7 @@ from .screen import screen  # noqa: E402
 from .steer import generate, select_layer, sweep  # noqa: E402
 from .traits import traits  # noqa: E402
 
-for command in (generate, sweep, select_layer, monitor, screen, harden, evaluate, sae, traits):
+for command in (generate, sweep, select_layer, monitor, screen, harden, evaluate, sae, traits, autosteer):
     main.add_command(command)
 
 if __name__ == "__main__":

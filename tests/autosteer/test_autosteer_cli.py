@@ -55,6 +55,14 @@ def test_autosteer_cli_end_to_end(saved, tmp_path):
                     str(saved / "model"), *FAST, "--quiet"])
     assert table.exit_code == 0, table.output
     assert "held-out test prompts" in table.output and "capability cost" in table.output
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"question": q, "trait": "arr arr pirate", "non_trait": "walk in the park"}) + "\n"
+                             for q in ("How are you today ?", "Why is the sky blue ?")))
+    evaluated = CliRunner().invoke(main, ["evaluate", "--steer", str(out / "steering.safetensors"), "--pairs", str(pairs),
+                                          "--model", str(saved / "model"), "--bootstrap", "100", "--json", "--quiet"])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert [c["name"] for c in json.loads(evaluated.stdout)["conditions"]] == ["none", "spec steering",
+                                                                               "spec steering random"]
 
 
 def test_empty_description(saved, tmp_path):

@@ -60,11 +60,13 @@ def prompts_seen_per_stage():
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
 def run(request, word_tokenizer):
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a module fixture runs before the per-test one_thread
     model = tiny_model(request.param, word_tokenizer)
     sae = make_sae(model, planted=PLANTED)
     with prompts_seen_per_stage() as (seen, on_stage):
         result = autosteer(model, word_tokenizer, sae, DESCRIPTION, TINY, sae_source="tiny-sae", on_stage=on_stage)
+    torch.set_num_threads(threads)
     return model, sae, result, seen, request.param
 
 

@@ -71,3 +71,7 @@ class SAEError(PersonaGuardError, ValueError):
 
 class EvaluationError(PersonaGuardError, ValueError):
     """An evaluation cannot run as asked (no conditions, clashing names, a judge with nothing to judge)."""
+
+
+class AutosteerError(PersonaGuardError, ValueError):
+    """Auto-steering cannot run as asked (empty description, a test prompt reaching selection, ...)."""

@@ -20,14 +20,10 @@ from ..core.forward import encode, pad_batch, plan_batches
 from ..core.generation import SamplingConfig, generate
 from ..core.layers import capture
 from ..core.models import eval_mode
-from ..errors import PersonaGuardError
+from ..errors import AutosteerError
 
 PROMPT_BANK = Path(__file__).with_name("prompts.json")
 NEUTRAL_SYSTEM = "You are a helpful assistant."
-
-
-class AutosteerError(PersonaGuardError, ValueError):
-    """Auto-steering cannot run as asked (empty description, a test prompt reaching selection, ...)."""
 
 
 @dataclass(frozen=True)

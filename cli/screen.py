@@ -20,9 +20,16 @@ VECTOR = click.Path(exists=True, dir_okay=False, path_type=Path)
 @click.argument("data")
 @click.option("--vector", "vector_paths", type=VECTOR, multiple=True, required=True,
               help="Persona vector file (repeat for several traits: one forward per sample serves them all).")
-@click.option("--mode", type=click.Choice(["full", "approx"]), default="full", show_default=True,
-              help="full: ΔP against the base model's own greedy responses (generated once, cached on disk). "
-                   "approx: generation-free, response projection minus last-prompt-token projection.")
+@click.option("--mode", type=click.Choice(["full", "approx"]), default="approx", show_default=True,
+              help="approx: generation-free, response projection minus last-prompt-token projection. "
+                   "full: the paper's ΔP against the base model's own greedy responses (generated once, cached "
+                   "on disk).")
+@click.option("--score", "score", type=click.Choice(["relative", "delta_p", "approx", "projection"]),
+              default="relative", show_default=True,
+              help="What ranks and thresholds use. relative: the mode's z-score minus the mean z-score of the other "
+                   "screened traits (screen several traits together: on mixed data this is what keeps code, "
+                   "recipes and math from ranking with the trait samples). delta_p (--mode full), approx, "
+                   "projection: that raw reading.")
 @click.option("--layer", "layers", default=None,
               help="Layers to score, e.g. 14 or 12,16 or 10-20:2. Default: each vector's recommended layer.")
 @click.option("--threshold", "thresholds", multiple=True,
@@ -79,7 +86,7 @@ VECTOR = click.Path(exists=True, dir_okay=False, path_type=Path)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (the report files are written too).")
 @click.option("--quiet", is_flag=True, help="No progress bars or messages.")
 @friendly_errors
-def screen(data, vector_paths, mode, layers, thresholds, reference, out_dir, keep_path, drop_path, messages_field,
+def screen(data, vector_paths, mode, score, layers, thresholds, reference, out_dir, keep_path, drop_path, messages_field,
            prompt_field, response_field, split, dataset_config, data_files, on_error, max_new_tokens, max_length,
            token_budget, max_batch_size, generation_batch_size, base_url, base_model, base_key_env, chunk_size, restart,
            no_plots, explain_top, allow_other_weights, model_id, dtype, device, layer_path, trust_remote_code, as_json,
@@ -92,9 +99,13 @@ def screen(data, vector_paths, mode, layers, thresholds, reference, out_dir, kee
     response) or prompt/response fields. The data is read again for each pass rather than held
     in memory, and scored --chunk-size samples at a time.
 
-    The score is the paper's projection difference ΔP = (a(x, y) − a(x, y_base))·v̂: how much
-    further along the persona vector the training response sits than the model's own answer
-    to the same prompt. Samples above --threshold are dropped from the --keep output.
+    Each sample gets, per vector, the generation-free approximation (response projection minus
+    last-prompt-token projection; with --mode full, the paper's projection difference
+    ΔP = (a(x, y) − a(x, y_base))·v̂ against the model's own answer to the same prompt), and a
+    score that ranks: by default the z-score relative to the other screened traits, which is what
+    works on a dataset mixing kinds of content (benchmarks/RESULTS.md, screening_mixed). Screen
+    every trait you care about in one run. Samples above --threshold are dropped from the --keep
+    output.
 
     An interrupted run picks up where it stopped (the checkpoints live in --out), and base
     responses are cached, so screening the same data again generates nothing. Run it under
@@ -117,8 +128,10 @@ def screen(data, vector_paths, mode, layers, thresholds, reference, out_dir, kee
 
     if (keep_path or drop_path) and not thresholds:
         raise click.UsageError("--keep/--drop need a --threshold (for example --threshold p95)")
+    if score == "delta_p" and mode != "full":
+        raise click.UsageError("--score delta_p needs --mode full (ΔP compares against the base model's own answers)")
     if base_url and mode != "full":
-        raise click.UsageError("--base-url gives the base responses of full mode; --mode approx generates nothing")
+        raise click.UsageError("--base-url gives the base responses of full mode: add --mode full (approx mode generates nothing)")
     if base_url and not base_model:
         raise click.UsageError("--base-url needs --base-model (the name the server serves the model under)")
     if base_model and not base_url:
@@ -174,7 +187,7 @@ def screen(data, vector_paths, mode, layers, thresholds, reference, out_dir, kee
         model, tokenizer, _ = load_model_from(model_id, dtype, device, trust_remote_code, say)
         for vector in vectors:
             vector.check_model(model, allow_other_weights=allow_other_weights)
-        config = ScreenConfig(mode=mode, token_budget=token_budget, max_batch_size=max_batch_size, max_length=max_length,
+        config = ScreenConfig(mode=mode, score=score, token_budget=token_budget, max_batch_size=max_batch_size, max_length=max_length,
                               max_new_tokens=max_new_tokens, generation_batch_size=generation_batch_size,
                               layer_path=layer_path)
         try:
@@ -196,7 +209,8 @@ def screen(data, vector_paths, mode, layers, thresholds, reference, out_dir, kee
         return
     what = "ΔP" if mode == "full" else "approx ΔP"
     table = Table(title=f"{source.count} samples, {mode} mode ({what} against the base model's own answers)"
-                  if mode == "full" else f"{source.count} samples, approximation mode (no generation)")
+                  if mode == "full" else f"{source.count} samples, approximation mode (no generation)",
+                  caption=f"thresholds and ranking on the {score} score")
     for column in ("trait", "layer", f"dataset {what}", "mean projection", "threshold", "over"):
         table.add_column(column, justify="left" if column == "trait" else "right")
     for name, entry in summary["traits"].items():
@@ -213,10 +227,10 @@ def screen(data, vector_paths, mode, layers, thresholds, reference, out_dir, kee
         # Whole ids (folded when long) and headers first; the response gets what is left of the
         # terminal (80 columns when piped), so a narrow terminal loses response text, never the id.
         id_width = min(24, max(4, *(len(s.id) for s in ranked)))
-        score_width = max(7, len(what))
+        score_width = max(7, len(score))
         response_width = max(10, console.width - id_width - score_width - 5 - 13)  # 13: borders and padding
         top.add_column("id", overflow="fold", min_width=id_width, max_width=id_width)  # long ids fold, whole
-        top.add_column(what, justify="right", no_wrap=True, min_width=score_width)
+        top.add_column(score, justify="right", no_wrap=True, min_width=score_width)
         top.add_column("z", justify="right", no_wrap=True, min_width=5)
         top.add_column("response", no_wrap=True, overflow="ellipsis", max_width=response_width)
         for s in ranked:

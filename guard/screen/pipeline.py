@@ -25,7 +25,7 @@ from .explain import explain_screen
 from .report import matplotlib_available, plot_name, write_summary
 from .samples import FieldNames, SampleSource, SampleStream, dataset_stream
 from .scoring import (ScreenConfig, Screener, ScreenResult, check_thresholds, flagged, parse_threshold,
-                      resolve_thresholds, set_z_scores)
+                      resolve_thresholds, set_relative_scores, set_z_scores)
 from .stream import (DEFAULT_CHUNK_SIZE, Scored, broadcast, current_shard, remove_parts, score_source,
                      write_report_streamed)
 
@@ -233,17 +233,26 @@ def _warn_truncated(result: ScreenResult, window: int, what: str, warn) -> None:
         warn(f"{what}{truncated} sample(s) longer than the {window}-token window were truncated (flagged 'truncated')")
 
 
-def finish_scores(result: ScreenResult, reference: ScreenResult | None = None) -> dict[str, tuple[float, float]]:
+def finish_scores(result: ScreenResult, reference: ScreenResult | None = None,
+                  score: str = "relative") -> dict[str, tuple[float, float]]:
     """Dataset-level steps over the merged scores, run once every chunk (and every shard) is in
     ``result``: this is where a score that needs a statistic of the whole dataset belongs (each
-    chunk's :meth:`Screener.score` sees only its chunk). Today: the z-scores against
-    ``reference`` (or the data itself). Returns ``{key name: (mean, std)}``.
+    chunk's :meth:`Screener.score` sees only its chunk). The z-scores against ``reference`` (or
+    the data itself), then ``score`` (:func:`~guard.screen.scoring.set_relative_scores`), on the
+    reference too, so that percentile thresholds compare like with like. Returns
+    ``{key name: (mean, std)}`` of the mode's score.
 
     Args:
         result: every sample's scores (rank 0's merged result).
         reference: the reference's merged scores, if any.
+        score: ``ScreenConfig.score``.
     """
-    return set_z_scores(result, reference)
+    if reference is not None:
+        set_z_scores(reference, reference)
+        set_relative_scores(reference, score)
+    stats = set_z_scores(result, reference)
+    set_relative_scores(result, score)
+    return stats
 
 
 def _finish(screener: Screener, source, scored: Scored, ref_result: ScreenResult | None, reference, thresholds,
@@ -254,7 +263,7 @@ def _finish(screener: Screener, source, scored: Scored, ref_result: ScreenResult
     _warn_truncated(result, screener.window, "", warn)
     if ref_result is not None:
         _warn_truncated(ref_result, screener.window, "the reference data: ", warn)
-    stats = finish_scores(result, ref_result)
+    stats = finish_scores(result, ref_result, config.score)
     limits = resolve_thresholds(result, thresholds, ref_result)
     over = flagged(result, limits)
     dropped = sorted(over)
@@ -416,7 +425,7 @@ def score_dataset(dataset, model, tokenizer, vectors: Sequence[PersonaVector], c
     values = None
     if shard.main:
         result = scored.result
-        finish_scores(result, ref.result if ref is not None else None)
+        finish_scores(result, ref.result if ref is not None else None, config.score)
         rows = range(dataset.num_rows) if not stream.n_skipped else list(stream.sample_rows())
         values = {column: [None] * dataset.num_rows for column, _, _ in columns}
         flags = [["malformed"] for _ in range(dataset.num_rows)] if stream.n_skipped else [[] for _ in range(dataset.num_rows)]

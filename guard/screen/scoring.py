@@ -8,8 +8,17 @@ activation:
   (both terms from the same forward pass);
 * ``delta_p``     = (a(x, y) − a(x, y_base))·v̂ with y_base the base model's own greedy
   response (full mode only);
-* ``z``           = the sample's score (``delta_p`` in full mode, ``approx`` otherwise) as a
-  z-score against a reference distribution (a reference dataset, or the screened data itself).
+* ``z``           = the mode's score (``delta_p`` in full mode, ``approx`` otherwise) as a
+  z-score against a reference distribution (a reference dataset, or the screened data itself);
+* ``score``       = what thresholds, ranking and filtering use (``ScreenConfig.score``). The
+  default, ``relative``, is the sample's z minus the mean z of the *other* screened traits: how
+  much more the sample leans toward this trait than toward the others. On a mixed dataset
+  (code, recipes, math beside a few trait samples) the raw readings of every persona vector
+  move together with the kind of content, so the plain approximation ranks a recipe as high as a
+  hallucination; the other traits' readings carry that content-type component, and subtracting
+  them removes it (benchmarks/RESULTS.md, section ``screening_mixed``). It is a dataset-level
+  score, set by :func:`set_relative_scores` once every sample is scored (the pipeline's
+  ``finish_scores``); :meth:`Screener.score` alone leaves ``score`` at the mode's score.
 
 One forward per sample serves every vector and layer. Batches are planned up front from token
 lengths (sorted, packed to a token budget), so the plan, and with it every number, does not
@@ -43,13 +52,21 @@ from .samples import Sample
 logger = logging.getLogger(__name__)  # warnings reach Python users who pass no warn=
 
 MODES = ("full", "approx")
+# What ``score`` holds: "relative" (the default, see the module docstring), or one of the raw
+# fields: the paper's ΔP ("delta_p", full mode), the approximation, or the raw projection.
+SCORES = ("relative", "delta_p", "approx", "projection")
 STAGES = ("train", "base")
 
 
 
 @dataclass(frozen=True)
 class ScreenConfig:
-    mode: str = "full"
+    # approx: generation-free (response projection minus last-prompt-token projection); full: the
+    # paper's ΔP against the base model's own greedy answer (generates one answer per prompt).
+    mode: str = "approx"
+    # What ranks and thresholds use; see SCORES. "relative" needs two screened traits or more to
+    # differ from the plain z-score.
+    score: str = "relative"
     # Tokens per forward batch (padded length x rows); rows are also capped by max_batch_size.
     token_budget: int = 16384
     max_batch_size: int = 64
@@ -63,6 +80,11 @@ class ScreenConfig:
     def __post_init__(self):
         if self.mode not in MODES:
             raise ScreenError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.score not in SCORES:
+            raise ScreenError(f"score must be one of {', '.join(SCORES)}, got {self.score!r}")
+        if self.score == "delta_p" and self.mode != "full":
+            raise ScreenError("score delta_p needs full mode (mode='full', CLI --mode full): ΔP compares against "
+                              "the base model's own answers, which approx mode does not generate")
 
 
 ScoreKey = ReadKey  # one scored direction: a vector's trait at one layer
@@ -190,11 +212,14 @@ class ScreenResult:
         return [s.scores[name]["score"] for s in self.samples]
 
     def dataset_scores(self) -> dict[str, dict[str, float | None]]:
-        """Per trait: the mean score (the paper's dataset-level ΔP in full mode), mean projection,
-        and how many samples were scored."""
+        """Per trait: the mean of the mode's score (the paper's dataset-level ΔP in full mode, the
+        mean approximation otherwise; not the relative score, which averages to zero over the data
+        it was standardised on), mean projection, and how many samples were scored."""
+        field_name = "delta_p" if self.mode == "full" else "approx"
         out = {}
         for key in self.keys:
-            values = [v for v in self.primary(key.name) if v is not None]
+            values = [s.scores[key.name][field_name] for s in self.samples
+                      if s.scores[key.name][field_name] is not None]
             projections = [s.scores[key.name]["projection"] for s in self.samples
                            if s.scores[key.name]["projection"] is not None]
             out[key.name] = {"trait": key.trait, "layer": key.layer, "mean_score": _mean(values),
@@ -208,7 +233,8 @@ def _mean(values: Sequence[float]) -> float | None:
 
 def _fingerprint(model_identity: list[str], keys, units, config: ScreenConfig, token_ids) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps([*model_identity, [asdict(k) for k in keys], asdict(config)]).encode())
+    settings = {k: v for k, v in asdict(config).items() if k != "score"}  # score: set after scoring
+    h.update(json.dumps([*model_identity, [asdict(k) for k in keys], settings]).encode())
     for layer in sorted(units):
         h.update(units[layer].to(torch.float32).cpu().numpy().tobytes())
     for prompt, response in token_ids:
@@ -357,16 +383,24 @@ class Screener:
 # -- reference distribution, thresholds ----------------------------------------------------------
 
 def set_z_scores(result: ScreenResult, reference: ScreenResult | None = None) -> dict[str, tuple[float, float]]:
-    """Fill each sample's ``z`` from the mean and standard deviation of the reference's scores
-    (the screened data itself by default); returns ``{name: (mean, std)}``. With fewer than two
-    scored reference samples there is no spread: z stays None (and so does the std)."""
+    """Fill each sample's ``z`` from the mean and standard deviation of the reference's values of
+    the mode's score (``delta_p`` in full mode, ``approx`` otherwise; the screened data itself by
+    default); returns ``{name: (mean, std)}``. With fewer than two scored reference samples there
+    is no spread: z stays None (and so does the std).
+
+    Args:
+        result: the scored samples whose ``z`` is set.
+        reference: the samples the mean and spread come from (default: ``result``).
+    """
     given = reference is not None
     reference = reference or result
+    field_name = "delta_p" if result.mode == "full" else "approx"
     stats = {}
     for key in result.keys:
         if key.name not in {k.name for k in reference.keys}:
             raise ScreenError(f"the reference was not scored for {key.name}")
-        values = [v for v in reference.primary(key.name) if v is not None]
+        values = [s.scores[key.name][field_name] for s in reference.samples
+                  if s.scores[key.name][field_name] is not None]
         if len(values) < 2:
             if given:
                 raise ScreenError(f"the reference has {len(values)} scored sample(s) for {key.name}; need at least 2")
@@ -377,8 +411,35 @@ def set_z_scores(result: ScreenResult, reference: ScreenResult | None = None) ->
         stats[key.name] = (mean, std)
         for sample in result.samples:
             entry = sample.scores[key.name]
-            entry["z"] = None if entry["score"] is None else (entry["score"] - mean) / std
+            entry["z"] = None if entry[field_name] is None else (entry[field_name] - mean) / std
     return stats
+
+
+def set_relative_scores(result: ScreenResult, score: str = "relative") -> None:
+    """Set each sample's ``score`` as ``ScreenConfig.score`` asks, from the fields and z-scores
+    already filled (:func:`set_z_scores` first). ``relative``: the key's z minus the mean z of the
+    keys of the other traits (at the same layer, when every vector is read at several layers);
+    with no other trait screened, the z itself. A raw field name copies that field.
+
+    Args:
+        result: scored samples with ``z`` set.
+        score: one of :data:`SCORES`.
+    """
+    if score not in SCORES:
+        raise ScreenError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
+    if score != "relative":
+        for sample in result.samples:
+            for entry in sample.scores.values():
+                entry["score"] = entry[score]
+        return
+    one_per_trait = len({k.trait for k in result.keys}) == len(result.keys)
+    others = {k.name: [j.name for j in result.keys if j.trait != k.trait and (one_per_trait or j.layer == k.layer)]
+              for k in result.keys}
+    for sample in result.samples:
+        z = {name: entry["z"] for name, entry in sample.scores.items()}
+        for name, entry in sample.scores.items():
+            rest = [z[o] for o in others[name] if z[o] is not None]
+            entry["score"] = None if z[name] is None else z[name] - (sum(rest) / len(rest) if rest else 0.0)
 
 
 def percentile(values: Sequence[float], q: float) -> float:

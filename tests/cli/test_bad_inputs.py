@@ -296,8 +296,8 @@ def test_interrupted_full_screen_says_rerun_resumes_and_the_rerun_generates_only
 
     monkeypatch.setenv("PERSONA_GUARD_CACHE", str(tmp_path / "cache"))
     data = jsonl(tmp_path / "train.jsonl", RECORDS[:5])
-    args = ["screen", str(data), "--vector", str(model_vector), "--model", str(tiny_model_dir), "--max-new-tokens", "3",
-            "--generation-batch-size", "1", "--out", str(tmp_path / "r"), "--no-plots", "--quiet"]
+    args = ["screen", str(data), "--vector", str(model_vector), "--model", str(tiny_model_dir), "--mode", "full",
+            "--max-new-tokens", "3", "--generation-batch-size", "1", "--out", str(tmp_path / "r"), "--no-plots", "--quiet"]
     real, calls = generation.generate, []
 
     def interrupted_on_third(*a, **k):
@@ -372,8 +372,8 @@ def test_an_unwritable_base_response_cache_is_refused_before_the_model(runner, t
     monkeypatch.setenv("PERSONA_GUARD_CACHE", "/proc/persona-guard")
     data = jsonl(tmp_path / "in.jsonl", RECORDS)
     vector = write_vector(tmp_path / "v.safetensors")
-    one_line_error(runner.invoke(main, ["screen", str(data), "--vector", str(vector), "--out", str(tmp_path / "r")]),
-                   "base-response cache", "$PERSONA_GUARD_CACHE", "--mode approx")
+    one_line_error(runner.invoke(main, ["screen", str(data), "--vector", str(vector), "--mode", "full", "--out",
+                                        str(tmp_path / "r")]), "base-response cache", "$PERSONA_GUARD_CACHE", "--mode approx")
 
 
 @pytest.mark.parametrize("problem, change, needle", [

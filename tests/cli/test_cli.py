@@ -163,8 +163,8 @@ def test_screen_reports_filters_and_resumes(runner, tiny_model_dir, tiny_vector,
              for i in range(8)]
     data = tmp_path / "train.jsonl"
     data.write_text("\n".join(lines[:4] + ["{broken"] + lines[4:]) + "\n")
-    base = ["screen", str(data), "--vector", str(tiny_vector), "--model", str(tiny_model_dir), "--max-new-tokens", "4",
-            "--out", str(tmp_path / "report"), "--no-plots"]
+    base = ["screen", str(data), "--vector", str(tiny_vector), "--model", str(tiny_model_dir), "--mode", "full",
+            "--max-new-tokens", "4", "--out", str(tmp_path / "report"), "--no-plots"]
     failed = runner.invoke(main, base)
     assert failed.exit_code == 1 and "train.jsonl:5: not valid JSON" in failed.output
     assert "Traceback" not in failed.output

@@ -38,7 +38,7 @@ def test_screen_scores_against_the_servers_responses_and_caches_them(tiny_dir, t
     data = _data(tmp_path / "d.jsonl")
     runner = CliRunner()
     with CompletionsServer(served=["other", "base-model"], answer=_answer) as server:
-        args = ["screen", str(data), "--vector", str(vector), "--model", str(model_dir), "--max-new-tokens", "6",
+        args = ["screen", str(data), "--vector", str(vector), "--model", str(model_dir), "--mode", "full", "--max-new-tokens", "6",
                 "--generation-batch-size", "2", "--base-url", server.base_url, "--base-model", "base-model",
                 "--base-key-env", "BASE_KEY", "--out", str(tmp_path / "r"), "--no-plots", "--json"]
         result = runner.invoke(main, args)
@@ -82,7 +82,7 @@ def test_screen_scores_against_the_servers_responses_and_caches_them(tiny_dir, t
 def test_a_server_serving_another_model_is_refused_before_the_model_loads(tmp_path, tiny_dir):
     data = _data(tmp_path / "d.jsonl")
     with CompletionsServer(served=["llama-3-8b"]) as server:
-        result = CliRunner().invoke(main, ["screen", str(data), "--vector", str(tiny_dir[1]), "--model",
+        result = CliRunner().invoke(main, ["screen", str(data), "--vector", str(tiny_dir[1]), "--mode", "full", "--model",
                                            str(tmp_path / "no-such-model"), "--base-url", server.base_url,
                                            "--base-model", "smollm2", "--out", str(tmp_path / "r")])
     assert result.exit_code == 1 and "Traceback" not in result.output
@@ -92,9 +92,9 @@ def test_a_server_serving_another_model_is_refused_before_the_model_loads(tmp_pa
 
 def test_base_options_are_checked(tmp_path, tiny_dir):
     data = _data(tmp_path / "d.jsonl")
-    base = ["screen", str(data), "--vector", str(tiny_dir[1]), "--out", str(tmp_path / "r")]
+    base = ["screen", str(data), "--vector", str(tiny_dir[1]), "--mode", "full", "--out", str(tmp_path / "r")]
     runner = CliRunner()
-    assert "--mode approx" in runner.invoke(main, [*base, "--mode", "approx", "--base-url", "http://x/v1",
+    assert "add --mode full" in runner.invoke(main, [*base, "--mode", "approx", "--base-url", "http://x/v1",
                                                    "--base-model", "m"]).output
     assert "needs --base-model" in runner.invoke(main, [*base, "--base-url", "http://x/v1"]).output
     assert "goes with --base-url" in runner.invoke(main, [*base, "--base-model", "m"]).output

@@ -11,8 +11,9 @@ from guard.core.chat import format_messages
 from guard.core.layers import find_decoder_layers
 from guard.screen.samples import Sample
 from guard.core.forward import plan_batches
-from guard.screen.scoring import (ScreenConfig, ScreenError, Screener, fit_window, flagged, percentile,
-                          resolve_thresholds, set_z_scores)
+from guard.core.readout import ReadKey
+from guard.screen.scoring import (SampleScore, ScreenConfig, ScreenError, Screener, ScreenResult, fit_window, flagged,
+                                  percentile, resolve_thresholds, set_relative_scores, set_z_scores)
 from guard.core.vectors import PersonaVector, VectorMismatchError, metadata_for
 
 RESPONSES = ["Yes! Brilliant, you are a genius.", "It has a flaw: the budget.", "Sure.",
@@ -246,3 +247,56 @@ def test_out_of_memory_splits_the_batch_and_gives_the_same_scores(tiny, monkeypa
     for a, b in zip(clean.samples, split.samples):
         for name in ("sycophancy", "evil"):
             assert a.scores[name]["approx"] == pytest.approx(b.scores[name]["approx"], abs=1e-5)
+
+
+def _result(keys, approx_rows):
+    samples = []
+    for i, row in enumerate(approx_rows):
+        scores = {k.name: {"score": v, "approx": v, "projection": v, "delta_p": None, "base_projection": None, "z": None}
+                  for k, v in zip(keys, row)}
+        samples.append(SampleScore(f"s{i}", i, [], 3, 3, scores))
+    return ScreenResult(list(keys), "approx", samples, "m")
+
+
+def test_relative_score_is_z_minus_the_other_traits_mean_z():
+    keys = [ReadKey("a", 1, "a"), ReadKey("b", 1, "b"), ReadKey("c", 2, "c")]
+    rows = [[1.0, 10.0, -3.0], [2.0, 30.0, 0.0], [6.0, 20.0, 3.0], [None, 0.0, 1.0]]
+    result = _result(keys, rows)
+    set_z_scores(result)
+    set_relative_scores(result)
+    for sample in result.samples:
+        z = {n: e["z"] for n, e in sample.scores.items()}
+        for name in ("a", "b", "c"):
+            others = [z[o] for o in "abc" if o != name and z[o] is not None]
+            expected = None if z[name] is None else z[name] - sum(others) / len(others)
+            assert sample.scores[name]["score"] == pytest.approx(expected)
+    assert result.samples[3].scores["a"]["score"] is None and result.samples[3].scores["b"]["score"] is not None
+    # One trait alone: the score is its z (the same ranking as the approximation).
+    alone = _result(keys[:1], [[r[0]] for r in rows])
+    set_z_scores(alone)
+    set_relative_scores(alone)
+    assert [s.scores["a"]["score"] for s in alone.samples] == [s.scores["a"]["z"] for s in alone.samples]
+    # A raw field copies that field.
+    set_relative_scores(result, "projection")
+    assert [s.scores["b"]["score"] for s in result.samples] == [r[1] for r in rows]
+
+
+def test_relative_score_compares_traits_at_the_same_layer_when_each_is_read_at_several():
+    keys = [ReadKey("a", 1, "a@L1"), ReadKey("a", 2, "a@L2"), ReadKey("b", 1, "b@L1"), ReadKey("b", 2, "b@L2")]
+    rows = [[1.0, 5.0, 2.0, -1.0], [3.0, 1.0, 0.0, 4.0], [2.0, 2.0, 7.0, 0.5]]
+    result = _result(keys, rows)
+    set_z_scores(result)
+    set_relative_scores(result)
+    for s in result.samples:
+        z = {n: e["z"] for n, e in s.scores.items()}
+        assert s.scores["a@L1"]["score"] == pytest.approx(z["a@L1"] - z["b@L1"])
+        assert s.scores["b@L2"]["score"] == pytest.approx(z["b@L2"] - z["a@L2"])
+
+
+def test_score_setting_is_checked():
+    assert ScreenConfig().mode == "approx" and ScreenConfig().score == "relative"
+    with pytest.raises(ScreenError, match="needs full mode"):
+        ScreenConfig(score="delta_p")
+    with pytest.raises(ScreenError, match="score must be one of"):
+        ScreenConfig(score="best")
+    ScreenConfig(mode="full", score="delta_p")

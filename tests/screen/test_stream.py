@@ -149,7 +149,7 @@ def test_a_reference_and_an_in_memory_source_stream_too(tiny, tmp_path):
     assert _report(tmp_path / "a") == _report(tmp_path / "b")
     assert streamed.summary["traits"] == loaded.summary["traits"] and len(streamed.reference.samples) == 6
     assert streamed.summary["traits"]["evil"]["reference_mean"] == pytest.approx(
-        sum(s.scores["evil"]["score"] for s in streamed.reference.samples if s.scores["evil"]["score"] is not None) / 5)
+        sum(s.scores["evil"]["approx"] for s in streamed.reference.samples if s.scores["evil"]["approx"] is not None) / 5)
     nowhere = screen(open_samples(data), model, tokenizer, vectors, config, chunk_size=5)  # no files at all
     assert nowhere.report == {}  # its z-scores are against the data itself; the raw scores agree
     assert [s.scores["evil"]["approx"] for s in nowhere.result.samples] == \
@@ -187,7 +187,7 @@ def test_score_dataset_adds_filterable_score_columns(tiny, tmp_path, monkeypatch
     kept = scored.filter(lambda r: r["evil_z"] is not None and r["evil_z"] < limit)
     assert kept.num_rows == sum(1 for r in got if r["evil_z"] is not None and r["evil_z"] < limit)
     full = score_dataset(datasets.Dataset.from_list(good[:3]), model, tokenizer, vectors[:1],
-                         ScreenConfig(mode="full", max_new_tokens=3), reference=datasets.Dataset.from_list(good[3:]))
+                         ScreenConfig(mode="full", score="delta_p", max_new_tokens=3), reference=datasets.Dataset.from_list(good[3:]))
     assert {"sycophancy_delta_p", "sycophancy_base_projection"} <= set(full.column_names)
     assert all(r["sycophancy_score"] == r["sycophancy_delta_p"] for r in full)
     with pytest.raises(ScreenError, match="already has column"):

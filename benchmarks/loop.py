@@ -59,10 +59,12 @@ import sycophancy_data  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
 
 from guard import load_model, load_trait  # noqa: E402
 from guard.callbacks import PersonaDriftCallback, PreventativeSteeringCallback, attach  # noqa: E402
 from guard.core.models import base_weights  # noqa: E402
+from guard.measure.drift import DriftProbe  # noqa: E402
 from guard.core.stats import paired_difference, random_directions  # noqa: E402
 from guard.core.vectors import PersonaVector  # noqa: E402
 from guard.measure.behavior import pairwise_preference  # noqa: E402
@@ -224,6 +226,42 @@ def dataset_scores(screens: dict, indices: list[int], names: list[str]) -> dict:
 
 # --- one finetune -------------------------------------------------------------------------------
 
+class ActivationRecorder(TrainerCallback):
+    """Raw material for the drift reading study (part d): every ``every`` steps (and with the
+    adapters disabled before training, as step 0), the last-prompt-token activation of each probe
+    prompt (the trait's evaluation questions, then NEUTRAL_QA's ordinary questions as a control)
+    at the vector's layer, and the prompt means at every layer, saved as float16 to ``path``."""
+
+    def __init__(self, vector, tokenizer, trait: str, every: int, path: Path):
+        self.sets = {"eval": evaluation_prompts([trait]), "control": [q for q, _ in NEUTRAL_QA]}
+        prompts = self.sets["eval"] + self.sets["control"]
+        self.probe = DriftProbe([vector], tokenizer, prompts, each_at=list(range(vector.num_layers)))
+        self.layer, self.every, self.path, self.tokenizer = vector.default_layer(), every, path, tokenizer
+        self.steps, self.at_layer, self.means = [], [], []
+
+    def _record(self, model, step: int) -> None:
+        acts = self.probe.readout.last_prompt_activations(model, self.tokenizer, self.probe.texts)
+        self.steps.append(step)
+        self.at_layer.append(acts[self.layer].float().numpy().astype(np.float16))
+        n_eval = len(self.sets["eval"])
+        self.means.append(np.stack([[acts[layer][:n_eval].float().mean(0).numpy(),
+                                     acts[layer][n_eval:].float().mean(0).numpy()]
+                                    for layer in sorted(acts)]).astype(np.float32))
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        with base_weights(model):
+            self._record(model, 0)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every == 0 or state.global_step == state.max_steps:
+            self._record(model, state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(self.path, steps=np.array(self.steps), at_layer=np.stack(self.at_layer),
+                 means=np.stack(self.means), layer=self.layer, n_eval=len(self.sets["eval"]))
+
+
 def finetune(trait: str, vector, randoms, rows: list, seed: int, args, run_dir: Path,
              steer: tuple[str, float] | None = None) -> dict:
     """LoRA SFT as examples/finetune_demo.py (answers only in the loss), with the drift callback
@@ -236,7 +274,7 @@ def finetune(trait: str, vector, randoms, rows: list, seed: int, args, run_dir: 
     data = Dataset.from_dict({"prompt": [c[:-1] for c in rows], "completion": [c[-1:] for c in rows]})
     drift = PersonaDriftCallback([vector, *randoms], prompts=evaluation_prompts([trait]), every_n_steps=args.every,
                                  n_random=16, plot=False)
-    callbacks = [drift]
+    callbacks = [drift, ActivationRecorder(vector, tokenizer, trait, args.record_every, run_dir / "acts.npz")]
     if steer is not None:
         mode, coeff = steer
         callbacks.append(PreventativeSteeringCallback(vector, coeff, mode=mode))  # the recommended layer
@@ -615,6 +653,8 @@ def main(argv=None) -> None:
     parser.add_argument("--n-random", type=int, default=10, help="random directions for the control r")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--record-every", type=int, default=5,
+                        help="cadence of the raw activations saved per run for the drift reading study (steps)")
     parser.add_argument("--every", type=int, default=10, help="drift reading cadence (steps); the last step is read too")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's own); 1 can be faster on a machine shared with other jobs")

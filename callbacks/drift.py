@@ -49,7 +49,9 @@ class PersonaDriftCallback(TrainerCallback):
     ``persona/<trait>/projection``         the current raw projection
     ``persona/<trait>/random_shift``       mean |shift| along ``n_random`` random unit directions (noise floor)
     ``persona/<trait>/shift_over_random``  |shift| / random_shift
-    ``persona/<trait>/warn``, ``/stop``    the shift_frac that crossed ``warn_at`` / ``stop_at`` (once each)
+    ``persona/<trait>/specific_shift``     with ``control_prompts``: the shift with the control prompts'
+                                           shift direction taken out of the vector (``/specific_frac``: / ||v||)
+    ``persona/<trait>/warn``, ``/stop``    the reading that crossed ``warn_at`` / ``stop_at`` (once each)
 
     Evaluation readings carry the evaluation's prefix (``eval_persona/...``, shown as
     ``eval/persona/...`` by TensorBoard and W&B), at the evaluation's step.
@@ -76,7 +78,7 @@ class PersonaDriftCallback(TrainerCallback):
         every_n_steps: measure every n optimizer steps instead of on the logging steps; readings at
             steps the Trainer does not log go to the report only (no extra log events).
         layers: one layer per vector (default: each vector's recommended layer).
-        warn_at, stop_at: thresholds on |shift_frac|: one number, or one per trait.
+        warn_at, stop_at: thresholds on |shift_frac| (or |specific_frac|, see ``reading``): one number, or one per trait.
         n_random: random directions for the noise floor.
         batch_size: probe batch size.
         allow_other_weights: accept vectors extracted from other weights of the same model (a full
@@ -86,6 +88,10 @@ class PersonaDriftCallback(TrainerCallback):
         layer_path: the decoder-block list, when auto-discovery needs help.
         trainer: the Trainer to log through (see :meth:`attach`).
         plot: write the PNG plot when matplotlib is installed.
+        control_prompts: ordinary prompts read beside the probe set, for the specific shift (see
+            :mod:`guard.measure.drift`; ``guard.measure.drift.CONTROL_PROMPTS`` is a shipped set).
+        reading: what ``warn_at`` / ``stop_at`` compare: ``"shift"`` (shift_frac, the paper's
+            statistic) or ``"specific"`` (specific_frac; needs ``control_prompts``). Both are logged.
 
     Probes run in eval mode without gradients and give the model back in the mode they found it.
     In distributed runs every rank measures (the means are reduced across ranks) and logs like
@@ -96,11 +102,19 @@ class PersonaDriftCallback(TrainerCallback):
                  tokenizer=None, every_n_steps: int | None = None, layers: Sequence[int | None] | None = None,
                  warn_at: Threshold = None, stop_at: Threshold = None, n_random: int = 8, batch_size: int = 16,
                  allow_other_weights: bool = True, report_name: str = "persona_drift.json", seed: int = 0,
-                 layer_path: str | None = None, trainer=None, plot: bool = True):
+                 layer_path: str | None = None, trainer=None, plot: bool = True,
+                 control_prompts: Sequence | None = None, reading: str = "shift"):
         if every_n_steps is not None and every_n_steps < 1:
             raise MonitorError("every_n_steps must be at least 1 (or None: the Trainer's logging steps)")
         self.vectors = [v if isinstance(v, PersonaVector) else PersonaVector.load(v) for v in vectors]
+        if reading not in ("shift", "specific"):
+            raise MonitorError(f"reading must be 'shift' or 'specific', got {reading!r}")
+        if reading == "specific" and not control_prompts:
+            raise MonitorError("reading='specific' needs control_prompts (guard.measure.drift.CONTROL_PROMPTS is a "
+                               "shipped set of ordinary questions)")
         self.prompts = prompts
+        self.control_prompts = list(control_prompts) if control_prompts else None
+        self.reading = reading
         self.tokenizer = tokenizer
         self.every_n_steps = every_n_steps
         self.layers = layers
@@ -159,7 +173,8 @@ class PersonaDriftCallback(TrainerCallback):
         for vector in self.vectors:
             vector.check_model(model, allow_other_weights=self.allow_other_weights)
         self.probe = DriftProbe(self.vectors, tokenizer, self.prompts, layers=self.layers, n_random=self.n_random,
-                                seed=self.seed, batch_size=self.batch_size, layer_path=self.layer_path)
+                                seed=self.seed, batch_size=self.batch_size, layer_path=self.layer_path,
+                                control_prompts=self.control_prompts)
         self._last, self._held_events, self._for_on_log = None, {}, {}
         if resumed(state) and self._restore(args, state):
             return
@@ -254,19 +269,21 @@ class PersonaDriftCallback(TrainerCallback):
     def _act(self, shifts: list[TraitShift], state, control) -> None:
         for s in shifts:
             stop, warn = _for_trait(self.stop_at, s.trait), _for_trait(self.warn_at, s.trait)
-            where = f"{s.trait} shifted {s.shift_frac:+.3f} x its persona vector at layer {s.layer} (step {state.global_step})"
-            if stop is not None and abs(s.shift_frac) >= stop:
+            frac = s.specific_frac if self.reading == "specific" else s.shift_frac
+            what = "specific shift" if self.reading == "specific" else "shifted"
+            where = f"{s.trait} {what} {frac:+.3f} x its persona vector at layer {s.layer} (step {state.global_step})"
+            if stop is not None and abs(frac) >= stop:
                 action, message = "stop", f"persona drift: {where}, past the stop threshold {stop}; stopping training"
                 control.should_training_stop = True
-            elif warn is not None and abs(s.shift_frac) >= warn and s.trait not in self._warned:
+            elif warn is not None and abs(frac) >= warn and s.trait not in self._warned:
                 action, message = "warn", f"persona drift: {where}, past the warning threshold {warn}"
                 self._warned.add(s.trait)
             else:
                 continue
             logger.warning(message)
             self.events.append({"step": state.global_step, "trait": s.trait, "action": action,
-                                "shift_frac": s.shift_frac, "message": message})
-            self._held_events[f"persona/{s.trait}/{action}"] = s.shift_frac
+                                "shift_frac": frac, "reading": self.reading, "message": message})
+            self._held_events[f"persona/{s.trait}/{action}"] = frac
 
     @staticmethod
     def _reading_metrics(entry: dict) -> dict:
@@ -324,6 +341,7 @@ class PersonaDriftCallback(TrainerCallback):
         probe = self.probe.state_dict()
         tensors = {f"base.{layer}": t.contiguous() for layer, t in probe.pop("base").items()}
         tensors.update({f"random.{i}": t.contiguous() for i, t in enumerate(probe.pop("random"))})
+        tensors.update({f"control.{layer}": t.contiguous() for layer, t in probe.pop("base_control", {}).items()})
         header = {"format": STATE_FORMAT, "format_version": 1, "step": state.global_step, "probe": probe,
                   "history": self.history, "events": self.events, "warned": sorted(self._warned),
                   "probe_seconds": self.probe_seconds}
@@ -349,6 +367,9 @@ class PersonaDriftCallback(TrainerCallback):
             probe["base"] = {int(k.split(".")[1]): t for k, t in tensors.items() if k.startswith("base.")}
             randoms = sorted((int(k.split(".")[1]), t) for k, t in tensors.items() if k.startswith("random."))
             probe["random"] = [t for _, t in randoms]
+            control_means = {int(k.split(".")[1]): t for k, t in tensors.items() if k.startswith("control.")}
+            if control_means:
+                probe["base_control"] = control_means
             try:
                 self.probe.load_state_dict(probe)
             except ValueError as exc:

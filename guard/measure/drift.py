@@ -5,6 +5,13 @@ set of prompts, for the current model minus for the base model, projected on the
 vector at its layer. Measured without generating, so it is cheap enough to run during training.
 The same shift along random unit directions gives the noise floor: training moves every
 direction a little, and a trait shift means something only well above that.
+
+With control prompts (ordinary questions unrelated to the trait), the probe also gives the
+*specific* shift: the shift along the vector after the direction in which the control prompts'
+own mean moved is taken out of it. Any finetune, harmless ones included, first moves the
+last-prompt-token activation of every prompt the same way (the answer format being learnt), and
+that early jump has a component along persona vectors; the specific shift leaves it out
+(benchmarks/drift_reading.py).
 """
 
 from __future__ import annotations
@@ -19,6 +26,17 @@ from ..core.readout import Readout
 from ..core.stats import random_directions
 from ..traits import TraitError, evaluation_prompts
 from ..core.vectors import PersonaVector
+
+
+def _control_prompts() -> list[str]:
+    from .evaluate import NEUTRAL_QA
+
+    return [question for question, _ in NEUTRAL_QA]
+
+
+# Ordinary questions (capitals, arithmetic, recipes, ...) for the specific shift: the questions
+# of guard.measure.evaluate.NEUTRAL_QA, the set benchmarks/drift_reading.py measured.
+CONTROL_PROMPTS: list[str] = _control_prompts()
 
 
 def default_probe_prompts(vectors: Sequence[PersonaVector]) -> list[str]:
@@ -57,6 +75,9 @@ class TraitShift:
     projection: float  # current mean activation projected on the unit vector
     random_shift: float  # mean |shift| along random unit directions (the noise floor)
     random_shift_max: float
+    # With control prompts: the shift along the vector with the control prompts' shift direction removed.
+    specific_shift: float | None = None
+    specific_frac: float | None = None
 
     @property
     def over_random(self) -> float:
@@ -64,15 +85,18 @@ class TraitShift:
 
     def metrics(self, prefix: str = "persona") -> dict[str, float]:
         """The shift as logging metrics named ``{prefix}/{trait}/...`` (shift, shift_frac, projection,
-        random_shift, shift_over_random).
+        random_shift, shift_over_random, and with control prompts specific_shift, specific_frac).
 
         Args:
             prefix: the first part of every metric name.
         """
         base = f"{prefix}/{self.trait}"
-        return {f"{base}/shift": self.shift, f"{base}/shift_frac": self.shift_frac,
-                f"{base}/projection": self.projection, f"{base}/random_shift": self.random_shift,
-                f"{base}/shift_over_random": self.over_random}
+        out = {f"{base}/shift": self.shift, f"{base}/shift_frac": self.shift_frac,
+               f"{base}/projection": self.projection, f"{base}/random_shift": self.random_shift,
+               f"{base}/shift_over_random": self.over_random}
+        if self.specific_shift is not None:
+            out.update({f"{base}/specific_shift": self.specific_shift, f"{base}/specific_frac": self.specific_frac})
+        return out
 
 
 class DriftProbe:
@@ -86,7 +110,8 @@ class DriftProbe:
 
     def __init__(self, vectors: Sequence[PersonaVector], tokenizer, prompts: Sequence | None = None, *,
                  layers: Sequence[int | None] | None = None, each_at: Sequence[int] | None = None, n_random: int = 8,
-                 seed: int = 0, batch_size: int = 16, layer_path: str | None = None):
+                 seed: int = 0, batch_size: int = 16, layer_path: str | None = None,
+                 control_prompts: Sequence | None = None):
         """Args:
             vectors: one persona vector per trait.
             tokenizer: the model's tokenizer (prompts go through its chat template).
@@ -97,6 +122,8 @@ class DriftProbe:
             seed: seed of the random directions.
             batch_size: prompts per forward.
             layer_path: the decoder-block list, when auto-discovery needs help.
+            control_prompts: ordinary prompts for the specific shift (see the module docstring);
+                :data:`CONTROL_PROMPTS` is a shipped set. None: no specific shift.
         """
         self.readout = Readout(vectors, layers, each_at=each_at, batch_size=batch_size, layer_path=layer_path,
                                error=ValueError)
@@ -107,23 +134,34 @@ class DriftProbe:
         self.texts = self.readout.texts(tokenizer, prompts)
         if not self.texts:
             raise ValueError("the probe set is empty")
+        self.control_texts = self.readout.texts(tokenizer, control_prompts) if control_prompts else []
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.layer_path = layer_path
         self.base: dict[int, torch.Tensor] | None = None
+        self.base_control: dict[int, torch.Tensor] | None = None
 
     def mean_activations(self, model) -> dict[int, torch.Tensor]:
         """Mean last-prompt-token activation over the probe set at every vector's layer (eval mode,
         no gradients; the model's train/eval mode is restored)."""
-        acts = self.readout.last_prompt_activations(model, self.tokenizer, self.texts)
-        layers = self.readout.distinct_layers
-        means = _all_ranks_mean(torch.stack([acts[layer] for layer in layers], dim=1), next(model.parameters()).device)
-        return {layer: means[i] for i, layer in enumerate(layers)}
+        return self._means(model)[0]
+
+    def _means(self, model) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor] | None]:
+        """Probe-set and control-set means from the same forwards."""
+        acts = self.readout.last_prompt_activations(model, self.tokenizer, self.texts + self.control_texts)
+        layers, n = self.readout.distinct_layers, len(self.texts)
+        device = next(model.parameters()).device
+
+        def mean(rows):
+            means = _all_ranks_mean(torch.stack([acts[layer][rows] for layer in layers], dim=1), device)
+            return {layer: means[i] for i, layer in enumerate(layers)}
+
+        return mean(slice(0, n)), (mean(slice(n, None)) if self.control_texts else None)
 
     def set_reference(self, model) -> None:
         """The base model's means (with PEFT, adapters disabled, so it is the true base)."""
         with base_weights(model):
-            self.base = self.mean_activations(model)
+            self.base, self.base_control = self._means(model)
 
     def measure(self, model) -> list[TraitShift]:
         """The shift of each vector's trait since :meth:`set_reference` (or :meth:`load_state_dict`).
@@ -133,14 +171,21 @@ class DriftProbe:
         """
         if self.base is None:
             raise RuntimeError("set_reference(base model) must run before measure()")
-        current = self.mean_activations(model)
+        current, control = self._means(model)
         shifts = []
         for vector, layer, unit, norm, random in zip(self.vectors, self.layers, self.units, self.norms, self.random):
             delta = current[layer] - self.base[layer]
             along_random = (random @ delta).abs()
             shift = float(delta @ unit)
+            specific = None
+            if control is not None and self.base_control is not None:
+                generic = control[layer] - self.base_control[layer]
+                size = float(generic.norm())
+                direction = unit - (generic / size) * float(generic @ unit / size) if size > 1e-9 else unit
+                specific = float(delta @ direction)
             shifts.append(TraitShift(vector.trait, layer, shift, shift / max(norm, 1e-12), float(current[layer] @ unit),
-                                     float(along_random.mean()), float(along_random.max())))
+                                     float(along_random.mean()), float(along_random.max()), specific,
+                                     None if specific is None else specific / max(norm, 1e-12)))
         return shifts
 
     # Appended for the training callbacks' checkpoints; uses only set_reference's outputs (base),
@@ -153,10 +198,13 @@ class DriftProbe:
             raise RuntimeError("set_reference(base model) must run before state_dict()")
         import hashlib
 
-        digest = hashlib.sha256("\x00".join(self.texts).encode()).hexdigest()[:16]
-        return {"layers": list(self.layers), "norms": list(self.norms), "texts_sha256": digest,
-                "base": {int(layer): t.detach().cpu().clone() for layer, t in self.base.items()},
-                "random": [t.detach().cpu().clone() for t in self.random]}
+        digest = hashlib.sha256("\x00".join(self.texts + self.control_texts).encode()).hexdigest()[:16]
+        state = {"layers": list(self.layers), "norms": list(self.norms), "texts_sha256": digest,
+                 "base": {int(layer): t.detach().cpu().clone() for layer, t in self.base.items()},
+                 "random": [t.detach().cpu().clone() for t in self.random]}
+        if self.base_control is not None:
+            state["base_control"] = {int(layer): t.detach().cpu().clone() for layer, t in self.base_control.items()}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Take the reference of :meth:`state_dict` instead of calling :meth:`set_reference`.
@@ -176,3 +224,7 @@ class DriftProbe:
             raise ValueError("the saved random directions do not match n_random or the hidden size")
         self.random = random
         self.base = {int(layer): t for layer, t in state["base"].items()}
+        if self.control_texts and "base_control" not in state:
+            raise ValueError("the saved drift reference has no control-prompt means; it was taken without control prompts")
+        self.base_control = ({int(layer): t for layer, t in state["base_control"].items()}
+                             if self.control_texts else None)

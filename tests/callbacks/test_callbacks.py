@@ -84,6 +84,24 @@ def test_stop_threshold_stops_training_and_says_why(tmp_path, smol_tokenizer, ca
     assert "sycophancy shifted" in stop[0]["message"]
 
 
+def test_specific_reading_is_logged_beside_the_raw_shift_and_drives_the_thresholds(tmp_path, smol_tokenizer):
+    from guard.errors import MonitorError
+    from guard.measure.drift import CONTROL_PROMPTS
+
+    model = make_tiny_model("llama", vocab_size=len(smol_tokenizer))
+    with pytest.raises(MonitorError, match="needs control_prompts"):
+        PersonaDriftCallback([_vector(model)], reading="specific")
+    drift = PersonaDriftCallback([_vector(model)], every_n_steps=1, n_random=2, control_prompts=CONTROL_PROMPTS,
+                                 reading="specific", stop_at=1e-9)
+    trainer = _sft(model, smol_tokenizer, tmp_path, [drift], max_steps=5)
+    trainer.train()
+    logged = [e for e in trainer.state.log_history if "persona/sycophancy/specific_shift" in e]
+    assert logged and all("persona/sycophancy/shift" in e for e in logged)
+    stop = [e for e in drift.events if e["action"] == "stop"]
+    assert trainer.state.global_step == 1 and stop[0]["reading"] == "specific"
+    assert stop[0]["shift_frac"] == pytest.approx(logged[-1]["persona/sycophancy/specific_frac"])
+
+
 def test_lora_reference_is_the_base_model_and_plain_trainer_works(tmp_path, smol_tokenizer):
     model = make_tiny_model("llama", vocab_size=len(smol_tokenizer))
     lora = peft.get_peft_model(model, _lora())

@@ -23,3 +23,33 @@ def test_one_vector_at_every_layer(smol_tokenizer):
     alone = DriftProbe([vector], smol_tokenizer, ["Hello there.", "How do I bake bread?"], layers=[2])
     alone.base = {2: probe.base[2]}
     assert abs(alone.measure(model)[0].shift - shifts[2].shift) < 1e-5
+
+
+def test_specific_shift_leaves_out_a_change_every_prompt_shares(smol_tokenizer):
+    from guard.core.steering import Steering
+
+    model = make_tiny_model("llama", vocab_size=len(smol_tokenizer))
+    meta = metadata_for(model, "evil", recommended_layer=1)
+    vector = PersonaVector(torch.randn(meta.num_layers, meta.hidden_size, generator=torch.Generator().manual_seed(0)),
+                           meta)
+    probe = DriftProbe([vector], smol_tokenizer, ["Hello there.", "How do I bake bread?"],
+                       control_prompts=["What is 2 + 2?", "Name a colour."])
+    probe.set_reference(model)
+    # The same vector added to every prompt's activation at the read layer: a generic change.
+    generic = torch.randn(meta.hidden_size, generator=torch.Generator().manual_seed(1))
+    with Steering({1: generic}, coeff=1.0).apply(model):
+        shift = probe.measure(model)[0]
+    unit = vector.unit(1)
+    assert abs(shift.shift - float(generic @ unit)) < 1e-3  # the raw shift reads it
+    assert abs(shift.specific_shift) < 1e-3 and shift.specific_frac == shift.specific_shift / float(vector.layer(1).norm())
+    assert shift.metrics()["persona/evil/specific_shift"] == shift.specific_shift
+    # The reference, control means included, survives state_dict / load_state_dict.
+    again = DriftProbe([vector], smol_tokenizer, ["Hello there.", "How do I bake bread?"],
+                       control_prompts=["What is 2 + 2?", "Name a colour."])
+    again.load_state_dict(probe.state_dict())
+    with Steering({1: generic}, coeff=1.0).apply(model):
+        assert abs(again.measure(model)[0].specific_shift - shift.specific_shift) < 1e-6
+    without = DriftProbe([vector], smol_tokenizer, ["Hello there."])
+    without.set_reference(model)
+    assert without.measure(model)[0].specific_shift is None and "persona/evil/specific_shift" not in \
+        without.measure(model)[0].metrics()

@@ -110,7 +110,7 @@ def main():
     source = load_samples(DATA)
     labels = {json.loads(line)["id"]: json.loads(line) for line in DATA.read_text().splitlines() if line.strip()}
     started = time.perf_counter()
-    run = screen(source, model, tokenizer, vectors, ScreenConfig(mode="approx"), thresholds={None: "p90"},
+    run = screen(source, model, tokenizer, vectors, ScreenConfig(mode="approx", score="approx"), thresholds={None: "p90"},
                  out_dir=out, restart=True, explain_top=args.top, progress=True, warn=log)
     seconds = time.perf_counter() - started
     page = run.report["html"]

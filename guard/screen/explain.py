@@ -337,7 +337,9 @@ def explain_screen(out_dir: str | Path, model, tokenizer, vectors: Sequence[Pers
         readings = token_readings(model, tokenizer, [samples[p] for p in ranked], by_trait[key.trait], key.layer,
                                   reference=reference, base_projections=base, max_length=max_length,
                                   layer_path=layer_path) if ranked else []
-        items = [ExplainedSample(reading, rank, entry[p]["score"], entry[p]["z"],
+        # Ranked by the screen's score; shown with the raw reading the tokens average to.
+        shown = "delta_p" if full else "approx"
+        items = [ExplainedSample(reading, rank, entry[p][shown], entry[p]["z"],
                                  key.name in over.get(samples[p].index, []), samples[p].last_user)
                  for rank, (p, reading) in enumerate(zip(ranked, readings), start=1)]
         sections.append(Section(key.name, key.layer, "ΔP" if full else "approx ΔP", items))

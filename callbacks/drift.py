@@ -282,7 +282,8 @@ class PersonaDriftCallback(TrainerCallback):
                 continue
             logger.warning(message)
             self.events.append({"step": state.global_step, "trait": s.trait, "action": action,
-                                "shift_frac": frac, "reading": self.reading, "message": message})
+                                "shift_frac": s.shift_frac, "specific_frac": s.specific_frac, "reading": self.reading,
+                                "value": frac, "message": message})
             self._held_events[f"persona/{s.trait}/{action}"] = frac
 
     @staticmethod
@@ -316,6 +317,7 @@ class PersonaDriftCallback(TrainerCallback):
             "probe_prompts": len(probe.texts) if probe else 0,
             "measured_on": "logging steps" if self.every_n_steps is None else f"every {self.every_n_steps} steps",
             "every_n_steps": self.every_n_steps, "warn_at": self.warn_at, "stop_at": self.stop_at,
+            "reading": self.reading, "control_prompts": len(probe.control_texts) if probe else 0,
             "probe_seconds": round(self.probe_seconds, 3),
             "history": self.history, "events": self.events, "final": self.history[-1] if self.history else None,
         }

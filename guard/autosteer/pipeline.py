@@ -453,7 +453,8 @@ def autosteer(model, tokenizer, sae, description: str, config: AutosteerConfig =
         bar = tqdm(total=config.budget, desc=f"tuning {name}", disable=not progress, unit="trial")
 
         def objective(strengths):
-            scores = score_condition(model, tokenizer, dev, dev_ref, steering=make(strengths), **common)
+            # The same context as the reported "autosteer" condition: the neutral system prompt.
+            scores = score_condition(model, tokenizer, dev, dev_ref, system=neutral, steering=make(strengths), **common)
             return mean_score(scores)
         try:
             if one:

@@ -331,7 +331,9 @@ def explain_screen(out_dir: str | Path, model, tokenizer, vectors: Sequence[Pers
     sections = []
     for key in result.keys:
         entry = [s.scores[key.name] for s in result.samples]  # result.samples[p] scores samples[p]
-        ranked = sorted((p for p in range(len(samples)) if entry[p]["score"] is not None),
+        # Full mode reads tokens against the base response: samples without one cannot be shown.
+        ranked = sorted((p for p in range(len(samples)) if entry[p]["score"] is not None
+                         and (not full or entry[p]["base_projection"] is not None)),
                         key=lambda p: (-entry[p]["score"], p))[:top]
         base = [entry[p]["base_projection"] for p in ranked] if full else None
         readings = token_readings(model, tokenizer, [samples[p] for p in ranked], by_trait[key.trait], key.layer,

@@ -276,6 +276,7 @@ def _finish(screener: Screener, source, scored: Scored, ref_result: ScreenResult
     summary = {
         "data": source.path, "format": source.format, "samples": source.count,
         "malformed_skipped": source.n_skipped, "model": result.model, "mode": config.mode,
+        "score": result.score or config.score,
         "base_responses_generated": result.generated,
         "reference": reference.path if reference is not None else "the screened data",
         "traits": {name: {**entry, "reference_mean": stats[name][0], "reference_std": stats[name][1],
@@ -372,8 +373,8 @@ def score_dataset(dataset, model, tokenizer, vectors: Sequence[PersonaVector], c
         scored = score_dataset(ds, model, tokenizer, [vector], ScreenConfig(mode="approx"))
         clean = scored.filter(lambda row: row["sycophancy_z"] is None or row["sycophancy_z"] < 2)
 
-    Columns (:func:`score_columns`): ``<trait>_score`` (ΔP in full mode, the approximation
-    otherwise), ``<trait>_z`` (against ``reference``, or the dataset itself), ``<trait>_approx``,
+    Columns (:func:`score_columns`): ``<trait>_score`` (``config.score``: by default the
+    relative score, see :mod:`guard.screen.scoring`), ``<trait>_z`` (against ``reference``, or the dataset itself), ``<trait>_approx``,
     ``<trait>_projection`` and, in full mode, ``<trait>_delta_p`` and ``<trait>_base_projection``;
     ``screen_flags`` lists a row's flags (``empty_response``, ``truncated``, ..., ``malformed``
     for a row skipped with ``on_error="skip"``). Unscored rows hold None. Scoring runs in

@@ -78,8 +78,7 @@ def histogram(result: ScreenResult, name: str, threshold: float | None, path: Pa
     ax.hist(values, bins=40, alpha=0.75, label=f"screened ({len(values)})")
     if threshold is not None:
         ax.axvline(threshold, color="red", ls="--", label=f"threshold {threshold:.3g}")
-    what = "projection difference ΔP" if result.mode == "full" else "approximate ΔP (response − last prompt token)"
-    ax.set_xlabel(f"{what}, {name}")
+    ax.set_xlabel(f"{result.score_label()}, {name}")
     ax.set_ylabel("samples")
     ax.legend()
     fig.tight_layout()
@@ -122,7 +121,7 @@ def scatter(result: ScreenResult, a: str, b: str, path: Path, thresholds: dict[s
     for name, line in ((a, ax.axvline), (b, ax.axhline)):
         if thresholds and thresholds.get(name) is not None:
             line(thresholds[name], color="red", ls="--", lw=1)
-    what = "ΔP" if result.mode == "full" else "approx ΔP"
+    what = result.score_label(short=True)
     ax.set_xlabel(f"{what}, {a}")
     ax.set_ylabel(f"{what}, {b}")
     ax.set_title(f"{len(pairs)} samples", fontsize=9)

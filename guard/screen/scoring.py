@@ -207,6 +207,21 @@ class ScreenResult:
     samples: list[SampleScore]
     model: str
     generated: int = 0  # base responses generated in this run (the rest came from the cache)
+    score: str | None = None  # what "score" holds once set_relative_scores ran (None: the mode's raw score)
+
+    def score_label(self, short: bool = False) -> str:
+        """What the ``score`` field holds, for axes and tables.
+
+        Args:
+            short: a few characters instead of a phrase.
+        """
+        kind = self.score or ("delta_p" if self.mode == "full" else "approx")
+        if kind == "relative":
+            return "relative score" if short else "relative score (z minus the other traits' mean z)"
+        names = {"delta_p": ("ΔP", "projection difference ΔP"),
+                 "approx": ("approx ΔP", "approximate ΔP (response − last prompt token)"),
+                 "projection": ("projection", "raw response projection")}
+        return names[kind][0 if short else 1]
 
     def primary(self, name: str) -> list[float | None]:
         return [s.scores[name]["score"] for s in self.samples]
@@ -419,7 +434,9 @@ def set_relative_scores(result: ScreenResult, score: str = "relative") -> None:
     """Set each sample's ``score`` as ``ScreenConfig.score`` asks, from the fields and z-scores
     already filled (:func:`set_z_scores` first). ``relative``: the key's z minus the mean z of the
     keys of the other traits (at the same layer, when every vector is read at several layers);
-    with no other trait screened, the z itself. A raw field name copies that field.
+    with no other trait screened, the z itself; where a key has no spread (fewer than two scored
+    samples), the mode's raw score instead (``result.score`` says which). A raw field name copies
+    that field.
 
     Args:
         result: scored samples with ``z`` set.
@@ -427,6 +444,14 @@ def set_relative_scores(result: ScreenResult, score: str = "relative") -> None:
     """
     if score not in SCORES:
         raise ScreenError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
+    raw = "delta_p" if result.mode == "full" else "approx"
+    if score == "relative" and any(all(s.scores[k.name]["z"] is None for s in result.samples) and
+                                   any(s.scores[k.name][raw] is not None for s in result.samples)
+                                   for k in result.keys):
+        # Fewer than two scored samples of a key: no spread to standardise by, so nothing to be
+        # relative to; rank by the mode's raw score rather than leave every sample unscored.
+        score = raw
+    result.score = score
     if score != "relative":
         for sample in result.samples:
             for entry in sample.scores.values():

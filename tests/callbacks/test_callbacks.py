@@ -99,7 +99,7 @@ def test_specific_reading_is_logged_beside_the_raw_shift_and_drives_the_threshol
     assert logged and all("persona/sycophancy/shift" in e for e in logged)
     stop = [e for e in drift.events if e["action"] == "stop"]
     assert trainer.state.global_step == 1 and stop[0]["reading"] == "specific"
-    assert stop[0]["shift_frac"] == pytest.approx(logged[-1]["persona/sycophancy/specific_frac"])
+    assert stop[0]["value"] == stop[0]["specific_frac"] == pytest.approx(logged[-1]["persona/sycophancy/specific_frac"])
 
 
 def test_lora_reference_is_the_base_model_and_plain_trainer_works(tmp_path, smol_tokenizer):

@@ -300,3 +300,16 @@ def test_score_setting_is_checked():
     with pytest.raises(ScreenError, match="score must be one of"):
         ScreenConfig(score="best")
     ScreenConfig(mode="full", score="delta_p")
+
+
+def test_relative_score_falls_back_to_the_raw_score_without_a_spread():
+    keys = [ReadKey("a", 1, "a"), ReadKey("b", 1, "b")]
+    result = _result(keys, [[2.5, -1.0]])  # one sample: no spread to standardise by
+    set_z_scores(result)
+    set_relative_scores(result)
+    assert result.score == "approx" and result.samples[0].scores["a"]["score"] == 2.5
+    assert resolve_thresholds(result, {None: "p95"}) == {"a": 2.5, "b": -1.0}
+    many = _result(keys, [[1.0, 0.0], [2.0, 1.0], [0.0, 3.0]])
+    set_z_scores(many)
+    set_relative_scores(many)
+    assert many.score == "relative" and many.score_label(short=True) == "relative score"

@@ -99,7 +99,7 @@ def main(argv=None) -> None:
     layer = int(runs[(seeds[0], args.neutral)]["layer"])
     unit, norm = unit_vector(args.trait, layer)
     lines = [f"## Drift readings that separate the runs at every step ({args.trait})", "",
-             f"Command: `python benchmarks/drift_reading.py --trait {args.trait}` on the raw activations saved by "
+             f"Command: `python benchmarks/drift_reading.py --trait {args.trait} --inducing {args.inducing}` on the raw activations saved by "
              f"`benchmarks/loop.py` (runs {args.neutral}: harmless, {args.inducing}: trait-inducing; layer {layer}, "
              f"||v|| = {norm:.2f}). Values in units of ||v|| (shift_frac, what warn_at / stop_at compare), at every "
              "recorded step after 0.", ""]

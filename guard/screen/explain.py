@@ -340,7 +340,7 @@ def explain_screen(out_dir: str | Path, model, tokenizer, vectors: Sequence[Pers
                                   reference=reference, base_projections=base, max_length=max_length,
                                   layer_path=layer_path) if ranked else []
         # Ranked by the screen's score; shown with the raw reading the tokens average to.
-        shown = "delta_p" if full else "approx"
+        shown = result.raw_field
         items = [ExplainedSample(reading, rank, entry[p][shown], entry[p]["z"],
                                  key.name in over.get(samples[p].index, []), samples[p].last_user)
                  for rank, (p, reading) in enumerate(zip(ranked, readings), start=1)]

@@ -209,13 +209,18 @@ class ScreenResult:
     generated: int = 0  # base responses generated in this run (the rest came from the cache)
     score: str | None = None  # what "score" holds once set_relative_scores ran (None: the mode's raw score)
 
+    @property
+    def raw_field(self) -> str:
+        """The mode's raw score field: ``delta_p`` in full mode, ``approx`` otherwise."""
+        return "delta_p" if self.mode == "full" else "approx"
+
     def score_label(self, short: bool = False) -> str:
         """What the ``score`` field holds, for axes and tables.
 
         Args:
             short: a few characters instead of a phrase.
         """
-        kind = self.score or ("delta_p" if self.mode == "full" else "approx")
+        kind = self.score or self.raw_field
         if kind == "relative":
             return "relative score" if short else "relative score (z minus the other traits' mean z)"
         names = {"delta_p": ("ΔP", "projection difference ΔP"),
@@ -230,7 +235,7 @@ class ScreenResult:
         """Per trait: the mean of the mode's score (the paper's dataset-level ΔP in full mode, the
         mean approximation otherwise; not the relative score, which averages to zero over the data
         it was standardised on), mean projection, and how many samples were scored."""
-        field_name = "delta_p" if self.mode == "full" else "approx"
+        field_name = self.raw_field
         out = {}
         for key in self.keys:
             values = [s.scores[key.name][field_name] for s in self.samples
@@ -409,7 +414,7 @@ def set_z_scores(result: ScreenResult, reference: ScreenResult | None = None) ->
     """
     given = reference is not None
     reference = reference or result
-    field_name = "delta_p" if result.mode == "full" else "approx"
+    field_name = result.raw_field
     stats = {}
     for key in result.keys:
         if key.name not in {k.name for k in reference.keys}:
@@ -444,7 +449,7 @@ def set_relative_scores(result: ScreenResult, score: str = "relative") -> None:
     """
     if score not in SCORES:
         raise ScreenError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
-    raw = "delta_p" if result.mode == "full" else "approx"
+    raw = result.raw_field
     if score == "relative" and any(all(s.scores[k.name]["z"] is None for s in result.samples) and
                                    any(s.scores[k.name][raw] is not None for s in result.samples)
                                    for k in result.keys):

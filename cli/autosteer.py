@@ -79,6 +79,19 @@ def _check_out(out_dir: Path) -> None:
 @click.option("--no-diffmean", is_flag=True, help="Skip tuning and reporting the DiffMean direction.")
 @click.option("--allow-other-weights", is_flag=True,
               help="Accept an SAE trained on other weights of the same model (a finetune of it).")
+@click.option("--pairs", "pairs_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Held-out JSONL pairs (a prompt, a reply showing the behaviour, a neutral reply) scored under "
+                   "every condition as pair_gap; never read by tuning, and no pair may share a dev prompt.")
+@click.option("--prompt-field", default=None, help="--pairs key of the prompt. [default: question, or prompt]")
+@click.option("--positive-field", default=None,
+              help="--pairs key of the reply showing the behaviour. [default: trait, or positive]")
+@click.option("--negative-field", default=None, help="--pairs key of the neutral reply. [default: non_trait, or negative]")
+@click.option("--proposer-model", default=None,
+              help="An OpenAI-compatible chat model that proposes the latents' strengths from past trials "
+                   "(the hackathon's loop) instead of the coordinate search; needs --proposer-url.")
+@click.option("--proposer-url", default=None, help="Base URL of the proposer's endpoint, e.g. http://127.0.0.1:8080/v1.")
+@click.option("--proposer-key-env", default="OPENAI_API_KEY", show_default=True,
+              help="Environment variable holding the proposer's API key (unset: no key sent).")
 @model_options
 @judge_options
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the search, the control and the bootstrap.")
@@ -90,8 +103,9 @@ def _check_out(out_dir: Path) -> None:
 @friendly_errors
 def autosteer(description, sae_source, sae_id, layer, out_dir, k, candidates, max_density, min_output_score, budget,
               max_strength, n_dev, n_test, prompt_bank, max_new_tokens, positions, neutral_system, control, no_diffmean,
-              allow_other_weights, model_id, dtype, device, layer_path, trust_remote_code, judge_model, judge_url,
-              judge_key_env, judge_cache, seed, n_boot, batch_size, as_json, quiet):
+              allow_other_weights, pairs_path, prompt_field, positive_field, negative_field, proposer_model,
+              proposer_url, proposer_key_env, model_id, dtype, device, layer_path, trust_remote_code, judge_model,
+              judge_url, judge_key_env, judge_cache, seed, n_boot, batch_size, as_json, quiet):
     """Steer the model toward the behaviour DESCRIPTION says, with SAE latents, offline.
 
     \b
@@ -109,7 +123,8 @@ def autosteer(description, sae_source, sae_id, layer, out_dir, k, candidates, ma
 
     Concept is judge-free unless a judge is given: the preference for the prompted model's
     answers over the unprompted model's. Plain prompting is its ceiling; AxBench found prompting
-    beats SAE steering, and the report says where it does here.
+    beats SAE steering, and the report says where it does here. --pairs adds a concept figure
+    that does not depend on the prompted model's answers: the gap on your own held-out pairs.
 
     \b
         persona-guard sae train corpus.txt --layer 14 --out saes/layer14
@@ -119,7 +134,8 @@ def autosteer(description, sae_source, sae_id, layer, out_dir, k, candidates, ma
     On the embedded model with the defaults this takes minutes on a CPU (each search evaluation
     answers every dev prompt); --budget, --dev and --max-new-tokens trade time for quality.
     """
-    from guard.autosteer import AutosteerConfig, AutosteerError, load_prompt_bank
+    from guard.autosteer import AutosteerConfig, AutosteerError, ChatProposer, load_prompt_bank
+    from guard.measure.evaluate import load_pairs
     from guard.autosteer import autosteer as run_autosteer
     from guard.core.models import input_device
     from guard.sae.lens import load_sae
@@ -130,7 +146,13 @@ def autosteer(description, sae_source, sae_id, layer, out_dir, k, candidates, ma
                              "persona-guard autosteer \"Talk like a pirate.\" --sae DIR --out DIR")
     _check_sae_source(sae_source, sae_id)
     _check_out(out_dir)
-    distinct_outputs({"--out": out_dir}, {"--sae": sae_source, "--prompts": prompt_bank})
+    distinct_outputs({"--out": out_dir}, {"--sae": sae_source, "--prompts": prompt_bank, "--pairs": pairs_path})
+    if not pairs_path and (prompt_field or positive_field or negative_field):
+        raise AutosteerError("--prompt-field/--positive-field/--negative-field name --pairs keys; add --pairs FILE")
+    if bool(proposer_model) != bool(proposer_url):
+        raise AutosteerError("the proposer needs both --proposer-model NAME and --proposer-url URL")
+    pairs = load_pairs(pairs_path, prompt_field, positive_field, negative_field) if pairs_path else None
+    proposer = ChatProposer(proposer_url, proposer_model, api_key_env=proposer_key_env) if proposer_model else None
     options = {"k": k, "candidates": candidates, "max_density": max_density, "min_output_score": min_output_score,
                "budget": budget, "max_strength": max_strength, "n_dev": n_dev, "n_test": n_test,
                "max_new_tokens": max_new_tokens, "positions": positions, "control": control,
@@ -147,7 +169,7 @@ def autosteer(description, sae_source, sae_id, layer, out_dir, k, candidates, ma
     say(f"loading the SAE {sae_source}")
     sae = load_sae(sae_source, sae_id, device=input_device(model))
     result = run_autosteer(model, tokenizer, sae, description, config, layer=layer, sae_source=sae_source, judge=judge,
-                           allow_other_weights=allow_other_weights, layer_path=layer_path,
+                           pairs=pairs, proposer=proposer, allow_other_weights=allow_other_weights, layer_path=layer_path,
                            progress=not (quiet or as_json), log=say)
     result.save(out_dir, model)  # written beside --out and renamed into place: never half-written
     if as_json:
@@ -216,6 +238,10 @@ def print_result(result, out_dir: Path) -> None:
         harmonic, concept = differences["harmonic"], differences["concept"]
         console.print(f"autosteer vs {name}: harmonic {harmonic.verdict()} ({harmonic.format(2)}), "
                       f"concept {concept.verdict()} ({concept.format(2)})", markup=False)
+    if "pair_gap" in result.condition("none").estimates:
+        gap = result.comparisons["none"]["pair_gap"]
+        console.print(f"held-out pairs ({result.prompts.get('pairs')}): pair_gap autosteer minus none "
+                      f"{gap.verdict()} ({gap.format(3)} nats/token)", markup=False)
     cost = result.condition("autosteer").vs_none["capability"]
     console.print(f"capability cost (autosteer minus none): {cost.format(3)} nats/token", markup=False)
     console.print("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in result.timings.items()), markup=False)

@@ -28,6 +28,9 @@ VECTOR = click.Path(exists=True, dir_okay=False, path_type=Path)
               help="Steering coefficient, in units of the raw vector (negative steers away from the trait).")
 @click.option("--positions", type=click.Choice(["all", "response"]), default="response", show_default=True,
               help="Steer every position, or only the reply (from the last prompt token on).")
+@click.option("--steer", "spec_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Steer with a spec file instead of --vector (autosteer's steering.safetensors, or any "
+                   "Steering.save file); refused on a model it was not written for.")
 @click.option("--compare", is_flag=True, help="Also generate without steering, side by side.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=96, show_default=True,
               help="Length cap of each reply, in tokens.")
@@ -38,19 +41,21 @@ VECTOR = click.Path(exists=True, dir_okay=False, path_type=Path)
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress messages.")
 @friendly_errors
-def generate(prompts, prompts_file, system, vector_path, layer, coeff, positions, compare, max_new_tokens,
+def generate(prompts, prompts_file, system, vector_path, layer, coeff, positions, spec_path, compare, max_new_tokens,
              temperature, seed, allow_other_weights, model_id, dtype, device, layer_path, trust_remote_code, as_json,
              quiet):
-    """Generate replies, optionally steered along a persona vector.
+    """Generate replies, optionally steered along a persona vector or by a steering spec.
 
     \b
         persona-guard generate --vector vectors/sycophancy.safetensors --coeff 4 --compare \\
             --prompt "I think the moon landing was faked. Right?"
+        persona-guard generate --steer runs/pirate/steering.safetensors --compare --prompt "How are you?"
 
     Steering adds coeff x v at one layer during generation (h <- h + coeff * v); coeff = 1 moves
     the activation by the whole trait-positive minus trait-negative difference at that layer.
     """
     from contextlib import nullcontext
+    from dataclasses import replace
 
     from guard.core.chat import format_messages
     from guard.core.data import Prompt, load_prompts
@@ -66,14 +71,24 @@ def generate(prompts, prompts_file, system, vector_path, layer, coeff, positions
     items = [Prompt.from_user(p, system) for p in prompts] + from_file
     if not items:
         raise click.UsageError("give at least one --prompt or a --prompts file")
-    if not vector_path and (compare or layer is not None):
-        raise click.UsageError(f"{'--compare' if compare else '--layer'} needs a --vector")
+    if vector_path and spec_path:
+        raise click.UsageError("give --vector or --steer, not both")
+    if not (vector_path or spec_path) and compare:
+        raise click.UsageError("--compare needs a --vector or a --steer spec")
+    if not vector_path and layer is not None:
+        raise click.UsageError("--layer needs a --vector (a --steer spec names its own layers)")
     # The vector is read and its layer checked before the model loads; it is checked against the model after.
     vector = PersonaVector.load(vector_path) if vector_path else None
     steering = Steering.from_vector(vector, layer, coeff, positions, layer_path) if vector else None
+    if spec_path:
+        Steering.load(spec_path)  # a file that is not a spec fails before the model loads
     model, tokenizer, _ = load_model_from(model_id, dtype, device, trust_remote_code, progress_log(as_json or quiet))
     if vector is not None:
         vector.check_model(model, allow_other_weights=allow_other_weights)
+    if spec_path:
+        steering = Steering.load(spec_path, model, allow_other_weights=allow_other_weights)
+        if layer_path and not steering.layer_path:
+            steering = replace(steering, layer_path=layer_path)
     ids = encode(tokenizer, [format_messages(tokenizer, p.messages) for p in items])
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
 
@@ -88,7 +103,11 @@ def generate(prompts, prompts_file, system, vector_path, layer, coeff, positions
     if as_json:
         emit_json({"steering": steering.description if steering else None, "results": rows})
         return
-    if steering:
+    if steering and spec_path:
+        what = steering.description.get("concept") or steering.description.get("trait") or spec_path.name
+        console.print(f"steering by {spec_path} ({what}) at layer(s) {', '.join(map(str, sorted(steering.vectors)))}, "
+                      f"positions {steering.positions}", style="dim", markup=False)
+    elif steering:
         d = steering.description
         console.print(f"[dim]steering {d['trait']} at layer {d['layers'][0]}, coeff {d['coeff']:+g}, "
                       f"positions {d['positions']}[/dim]")

@@ -17,6 +17,7 @@ from .data import (
     ensure_dev_only,
     load_prompt_bank,
 )
+from .proposer import ChatProposer, parse_strengths
 from .pipeline import AutosteerConfig, AutosteerResult, ConditionReport, autosteer
 from .retrieval import LatentRecord, Retrieval, latent_steering, retrieve_latents
 from .scoring import (
@@ -27,11 +28,13 @@ from .scoring import (
     score_condition,
 )
 from .search import (
+    ProposalError,
     SearchResult,
     Trial,
     harmonic_mean,
     search_one_strength,
     search_strengths,
+    search_with_proposer,
 )
 
 __all__ = [
@@ -40,11 +43,13 @@ __all__ = [
     "AutosteerConfig",
     "AutosteerError",
     "AutosteerResult",
+    "ChatProposer",
     "ConditionReport",
     "ConditionScores",
     "ContrastiveSet",
     "LatentRecord",
     "PromptSplit",
+    "ProposalError",
     "Reference",
     "Retrieval",
     "SearchResult",
@@ -56,9 +61,11 @@ __all__ = [
     "harmonic_mean",
     "latent_steering",
     "load_prompt_bank",
+    "parse_strengths",
     "reference",
     "retrieve_latents",
     "score_condition",
     "search_one_strength",
     "search_strengths",
+    "search_with_proposer",
 ]

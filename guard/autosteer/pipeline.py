@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from ..core.models import model_name
 from ..core.stats import Estimate, bootstrap_ci, paired_difference
 from ..core.steering import STEER_POSITIONS, Steering
+from ..measure.behavior import pairwise_preference
 from ..measure.evaluate import neutral_logliks
 from .data import (
     NEUTRAL_SYSTEM,
@@ -55,19 +56,20 @@ from .data import (
 )
 from .retrieval import LatentRecord, latent_steering, retrieve_latents
 from .scoring import Reference, concept_rubric, mean_score, reference, score_condition
-from .search import SearchResult, search_one_strength, search_strengths
+from .search import SearchResult, search_one_strength, search_strengths, search_with_proposer
 
 SPEC_FILE = "steering.safetensors"
 REPORT_FILE = "report.json"
 MARKDOWN_FILE = "report.md"
 CONTROL_FILES = {"diffmean": "diffmean.safetensors", "random latents": "random_latents.safetensors"}
-REPORT_METRICS = ("concept", "fluency", "relevance", "harmonic", "gap", "capability")
+REPORT_METRICS = ("concept", "fluency", "relevance", "harmonic", "gap", "pair_gap", "capability")
 METRIC_NOTES = {
     "concept": "0-1; shows the behaviour (judge-free: sigmoid of the preference gap / temperature; or judge / 100)",
     "fluency": "0-1; greedy answer's likelihood under the unsteered model vs the prompted answers', times 1 - repetition",
     "relevance": "0-1; the neutral answer's likelihood under the condition vs unsteered",
     "harmonic": "0-1; harmonic mean of concept, fluency, relevance (0 if any is 0)",
     "gap": "nats/token; prompted minus neutral answer's log-probability under the condition",
+    "pair_gap": "nats/token; on held-out pairs (--pairs), the concept reply's log-probability minus the neutral reply's",
     "capability": "nats/token of ordinary answers (NEUTRAL_QA); a drop is the capability cost",
 }
 
@@ -226,6 +228,7 @@ class AutosteerResult:
         steering: the tuned steering (what the spec file holds).
         controls: the other steerings reported (``diffmean``, ``random latents``).
         judge: the judge's name, when the concept was judged.
+        proposer: the proposer's name, when an LLM proposed the strengths.
     """
 
     description: str
@@ -244,6 +247,7 @@ class AutosteerResult:
     steering: Steering | None = None
     controls: dict[str, Steering] = field(default_factory=dict)
     judge: str | None = None
+    proposer: str | None = None
 
     def condition(self, name: str) -> ConditionReport:
         """The report of the condition named ``name``."""
@@ -255,7 +259,7 @@ class AutosteerResult:
     def to_dict(self) -> dict:
         """JSON-ready (no tensors; the steerings are in the spec files)."""
         return {"format": "persona-guard/autosteer", "format_version": 1, "description": self.description,
-                "model": self.model, "sae": self.sae, "judge": self.judge, "config": self.config.to_dict(),
+                "model": self.model, "sae": self.sae, "judge": self.judge, "proposer": self.proposer, "config": self.config.to_dict(),
                 "prompts": self.prompts,
                 "latents": [{**r.to_dict(), "strength": s} for r, s in zip(self.latents, self.strengths)],
                 "records": [r.to_dict() for r in self.records], "retrieval": self.retrieval,
@@ -328,7 +332,7 @@ class AutosteerResult:
                    {k: SearchResult.from_dict(s) for k, s in data["searches"].items()},
                    [ConditionReport.from_dict(c) for c in data["conditions"]],
                    {name: {k: Estimate.from_dict(e) for k, e in d.items()} for name, d in data["comparisons"].items()},
-                   dict(data["timings"]), steering, controls, data.get("judge"))
+                   dict(data["timings"]), steering, controls, data.get("judge"), data.get("proposer"))
 
     def markdown(self) -> str:
         """The report as Markdown: the latents, a table per metric with CIs, and greedy samples."""
@@ -395,7 +399,8 @@ def _stage(name: str, timings: dict, on_stage, log):
 
 
 def autosteer(model, tokenizer, sae, description: str, config: AutosteerConfig = AutosteerConfig(), *,
-              layer: int | None = None, sae_source: str | None = None, judge=None, allow_other_weights: bool = False,
+              layer: int | None = None, sae_source: str | None = None, judge=None, pairs=None,
+              proposer=None, allow_other_weights: bool = False,
               layer_path: str | None = None, progress: bool = False, log: Callable[[str], None] = lambda m: None,
               on_stage: Callable[[str], None] | None = None) -> AutosteerResult:
     """Find SAE latents and strengths that make the model behave as ``description`` says, and
@@ -409,6 +414,12 @@ def autosteer(model, tokenizer, sae, description: str, config: AutosteerConfig =
         layer: the layer the SAE reads (None: the SAE's own).
         sae_source: where the SAE came from, for the report and the spec.
         judge: a :class:`~guard.judges.Judge` scoring the concept of greedy answers (None: judge-free).
+        pairs: held-out ``(prompt, reply showing the behaviour, neutral reply)`` triples
+            (:func:`guard.measure.evaluate.load_pairs`), read only by the report (``pair_gap``);
+            none may share a prompt with the dev prompts.
+        proposer: a :class:`~guard.autosteer.proposer.ChatProposer` that proposes the chosen
+            latents' strengths from the past trials (the hackathon's loop) instead of the
+            coordinate search; the best judged strengths are kept either way.
         allow_other_weights: accept an SAE trained on other weights of the same model.
         layer_path: the decoder-block list, when auto-discovery needs help.
         progress: show progress bars.
@@ -423,6 +434,12 @@ def autosteer(model, tokenizer, sae, description: str, config: AutosteerConfig =
                              "\"Talk like a pirate.\"")
     layer = check_sae(sae, model, layer, allow_other_weights=allow_other_weights)
     split = load_prompt_bank(config.prompt_bank).take(config.n_dev, config.n_test)
+    pairs = [tuple(p) for p in pairs] if pairs else None
+    if pairs:
+        tuned_on = sorted({p[0] for p in pairs} & set(split.dev))
+        if tuned_on:
+            raise AutosteerError(f"{len(tuned_on)} held-out pair(s) share a prompt with the dev prompts tuning reads "
+                                 f"(first: {tuned_on[0]!r}); drop them from the pairs or use another --prompts bank")
     neutral = config.neutral_system or None
     rubric = concept_rubric(description) if judge is not None else None
     timings: dict[str, float] = {}
@@ -448,15 +465,21 @@ def autosteer(model, tokenizer, sae, description: str, config: AutosteerConfig =
     latents, signs = [r.latent for r in chosen], [r.sign for r in chosen]
 
     def tune(name: str, make: Callable[[tuple[float, ...]], Steering], n: int, one: bool = False,
-             max_strength: float = config.max_strength) -> SearchResult:
+             max_strength: float = config.max_strength, propose=None) -> SearchResult:
         dev_only(dev.prompts)
         bar = tqdm(total=config.budget, desc=f"tuning {name}", disable=not progress, unit="trial")
 
         def objective(strengths):
             # The same context as the reported "autosteer" condition: the neutral system prompt.
             scores = score_condition(model, tokenizer, dev, dev_ref, system=neutral, steering=make(strengths), **common)
-            return mean_score(scores)
+            score, components = mean_score(scores)
+            if propose is not None:  # what the proposer reads of each trial: a few answers
+                components["samples"] = [[p, a] for p, a in list(zip(dev.prompts, scores.answers))[:2]]
+            return score, components
         try:
+            if propose is not None:
+                return search_with_proposer(objective, n, propose, budget=config.budget, max_strength=max_strength,
+                                            seed=config.seed, on_trial=lambda t: bar.update(1))
             if one:
                 return search_one_strength(lambda s: objective((s,)), budget=config.budget, max_strength=max_strength,
                                            seed=config.seed, on_trial=lambda t: bar.update(1))
@@ -471,7 +494,8 @@ def autosteer(model, tokenizer, sae, description: str, config: AutosteerConfig =
 
     searches: dict[str, SearchResult] = {}
     with _stage("tuning", timings, on_stage, log):
-        searches["autosteer"] = tune("autosteer", latent_maker(latents, signs), len(latents))
+        propose = proposer.for_latents(description, chosen, config.max_strength) if proposer is not None else None
+        searches["autosteer"] = tune("autosteer", latent_maker(latents, signs), len(latents), propose=propose)
     strengths = list(searches["autosteer"].best.strengths)
     sae_info = {"source": str(sae_source) if sae_source is not None else None, "layer": layer,
                 "d_sae": int(sae.cfg.d_sae), "d_in": int(sae.cfg.d_in)}
@@ -523,7 +547,7 @@ def autosteer(model, tokenizer, sae, description: str, config: AutosteerConfig =
         conditions = [("none", neutral, None), ("prompt", description, None), ("autosteer", neutral, steering),
                       ("prompt + autosteer", description, steering)]
         conditions += [(name, neutral, controls[name]) for name in ("diffmean", "random latents") if name in controls]
-        reports = _report(model, tokenizer, test, test_ref, conditions, config, common, progress)
+        reports = _report(model, tokenizer, test, test_ref, conditions, config, common, progress, pairs)
     stats = {"n_boot": config.n_boot, "level": config.level, "seed": config.seed}
     autosteered = next(c for c in reports if c.name == "autosteer")
     comparisons = {c.name: {k: paired_difference(autosteered.values[k], v, **stats) for k, v in c.values.items()}
@@ -531,19 +555,25 @@ def autosteer(model, tokenizer, sae, description: str, config: AutosteerConfig =
     prompts = {"source": split.source, "dev": list(dev.prompts), "test": list(test.prompts),
                "dropped": {"dev": dev.dropped, "test": test.dropped}}
     retrieval_info = {k: v for k, v in found.to_dict().items() if k != "records"}
+    if pairs:
+        prompts["pairs"] = len(pairs)
     return AutosteerResult(description, config, model_name(model), sae_info, prompts, chosen, strengths, found.records,
                            retrieval_info, searches, reports, comparisons, timings, steering, controls,
-                           getattr(judge, "name", None) if judge is not None else None)
+                           getattr(judge, "name", None) if judge is not None else None,
+                           getattr(proposer, "name", None) if proposer is not None else None)
 
 
 def _report(model, tokenizer, test: ContrastiveSet, ref: Reference, conditions, config: AutosteerConfig, common: dict,
-            progress: bool) -> list[ConditionReport]:
+            progress: bool, pairs=None) -> list[ConditionReport]:
     """Every condition's per-prompt scores and capability on the test set, with CIs and differences vs ``none``."""
     stats = {"n_boot": config.n_boot, "level": config.level, "seed": config.seed}
     reports = []
     for name, system, steering in tqdm(conditions, desc="report", disable=not progress, unit="condition"):
         scores = score_condition(model, tokenizer, test, ref, system=system, steering=steering, **common)
         values = {k: list(scores.values[k]) for k in REPORT_METRICS if k in scores.values}
+        if pairs:
+            values["pair_gap"] = list(pairwise_preference(model, tokenizer, pairs, system=system, steering=steering,
+                                                          batch_size=config.batch_size).gaps)
         values["capability"] = neutral_logliks(model, tokenizer, system=system, steering=steering,
                                                batch_size=config.batch_size)
         described = None

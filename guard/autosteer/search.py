@@ -17,6 +17,11 @@ from dataclasses import dataclass, field
 from .data import AutosteerError
 
 Objective = Callable[[tuple[float, ...]], "float | tuple[float, dict]"]
+Propose = Callable[[list["Trial"]], Sequence[float]]  # the trials so far -> the next strengths
+
+
+class ProposalError(AutosteerError):
+    """A proposer gave no usable strengths (the search falls back to a random move)."""
 
 
 @dataclass(frozen=True)
@@ -149,6 +154,72 @@ def search_strengths(objective: Objective, n: int, *, budget: int = 24, max_stre
         trial = evaluate(point, "random")
         if trial is not None and trial.score > best.score:
             best = trial
+    return SearchResult(trials, best)
+
+
+def search_with_proposer(objective: Objective, n: int, propose: Propose, *, budget: int = 24,
+                         max_strength: float = 1.0, start: Sequence[float] | None = None, seed: int = 0,
+                         on_trial: Callable[[Trial], None] | None = None) -> SearchResult:
+    """Maximise ``objective`` with strengths proposed by ``propose`` (an LLM reading the past
+    trials, for instance), within ``budget`` evaluations; the best judged trial is kept, never the
+    last one proposed.
+
+    The first proposal is asked for with no history (an initial guess); when ``propose`` raises
+    :class:`ProposalError`, or proposes a point already evaluated, that step is a random
+    perturbation of the best point instead (``move`` says which), so a confused proposer costs
+    trials but never stalls the search. Proposed values are clipped to ``[0, max_strength]``.
+
+    Args:
+        objective: strengths -> score, or (score, components); higher is better.
+        n: how many strengths.
+        propose: the trials so far -> the next ``n`` strengths.
+        budget: objective evaluations (at least 1).
+        max_strength: the upper end of every strength's range.
+        start: the point used when the first proposal fails (default every strength at half the range).
+        seed: seeds the fallback perturbations.
+        on_trial: called after every evaluation.
+    """
+    if n < 1:
+        raise AutosteerError("the search needs at least one latent")
+    if budget < 1:
+        raise AutosteerError(f"the search budget must be at least 1 evaluation, got {budget}")
+    if not max_strength > 0:
+        raise AutosteerError(f"max_strength must be positive, got {max_strength}")
+    rng = random.Random(seed)
+    trials: list[Trial] = []
+    seen: set[tuple[float, ...]] = set()
+    fallback = tuple(start) if start is not None else (max_strength / 2,) * n
+    if len(fallback) != n:
+        raise AutosteerError(f"the start point has {len(fallback)} strengths, expected {n}")
+
+    def clip(values) -> tuple[float, ...]:
+        return tuple(round(min(max(float(v), 0.0), max_strength), 6) for v in values)
+
+    def perturbed() -> tuple[float, ...]:
+        best = max(trials, key=lambda t: t.score).strengths if trials else clip(fallback)
+        for _ in range(200):
+            point = clip(s + rng.gauss(0.0, max_strength / 4) for s in best) if trials else best
+            if point not in seen:
+                return point
+        return point  # the range is exhausted at this resolution; evaluate a repeat rather than loop
+
+    while len(trials) < budget:
+        try:
+            proposal = [float(v) for v in propose(list(trials))]
+            if len(proposal) != n or not all(math.isfinite(v) for v in proposal):
+                raise ProposalError(f"expected {n} finite strengths, got {proposal}")
+            point, move = clip(proposal), "proposed"
+            if point in seen:
+                point, move = perturbed(), "random (proposer repeated a trial)"
+        except ProposalError:
+            point, move = perturbed(), "random (proposer failed)"
+        score, components = _call(objective, point)
+        trial = Trial(point, score, components, len(trials), move)
+        trials.append(trial)
+        seen.add(point)
+        if on_trial is not None:
+            on_trial(trial)
+    best = max(trials, key=lambda t: t.score)  # max keeps the first of equal scores
     return SearchResult(trials, best)
 
 

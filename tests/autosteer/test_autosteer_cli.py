@@ -22,7 +22,10 @@ def saved(tmp_path_factory, word_tokenizer):
     model.save_pretrained(root / "model")
     word_tokenizer.save_pretrained(root / "model")
     save_sae(make_sae(model), root / "sae")
-    save_sae(make_sae(tiny_model("llama", word_tokenizer, seed=3)), root / "sae_other_model")
+    other = tiny_model("llama", word_tokenizer, seed=3)
+    save_sae(make_sae(other), root / "sae_other_model")
+    other.save_pretrained(root / "other_model")
+    word_tokenizer.save_pretrained(root / "other_model")
     return root
 
 
@@ -63,6 +66,28 @@ def test_autosteer_cli_end_to_end(saved, tmp_path):
     assert evaluated.exit_code == 0, evaluated.output
     assert [c["name"] for c in json.loads(evaluated.stdout)["conditions"]] == ["none", "spec steering",
                                                                                "spec steering random"]
+    spec = str(out / "steering.safetensors")
+    generated = CliRunner().invoke(main, ["generate", "--steer", spec, "--compare", "--prompt", "How are you today ?",
+                                          "--max-new-tokens", "3", "--model", str(saved / "model"), "--json"])
+    assert generated.exit_code == 0, generated.output
+    row = json.loads(generated.stdout)["results"][0]
+    assert set(row) == {"prompt", "reply", "unsteered"}
+    # A spec written on one model is refused on another, naming the difference (as vector files are).
+    refused = CliRunner().invoke(main, ["generate", "--steer", spec, "--prompt", "How are you today ?",
+                                        "--model", str(saved / "other_model"), "--quiet"])
+    one_line_error(refused, "steering spec", "different weights")
+    both = CliRunner().invoke(main, ["generate", "--steer", spec, "--layer", "1", "--prompt", "hi"])
+    assert both.exit_code == 2 and "--layer needs a --vector" in both.output
+
+
+def test_pairs_and_proposer_options_are_checked_before_the_model_loads(saved, tmp_path):
+    base = [DESCRIPTION, "--sae", str(saved / "sae"), "--out", str(tmp_path / "o"), "--model", str(saved / "model")]
+    one_line_error(invoke([*base, "--prompt-field", "q"]), "--prompt-field", "add --pairs FILE")
+    one_line_error(invoke([*base, "--proposer-model", "m"]), "--proposer-model", "--proposer-url")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "hi"}\n')
+    one_line_error(invoke([*base, "--pairs", str(bad)]), "bad.jsonl:1", "missing")
+    assert not (tmp_path / "o").exists()
 
 
 def test_empty_description(saved, tmp_path):

@@ -16,6 +16,75 @@ def sae():
     """Train a small SAE on a model's residual stream, and read persona vectors through it."""
 
 
+@sae.command("corpus")
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--system", "systems", multiple=True,
+              help="A system prompt the model answers under (repeat for several). Default: a plain assistant and "
+                   "six styles (pirate, French, enthusiastic, to a child, formal, verse).")
+@click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Prompts to answer instead of the default bank (.jsonl, .csv or one per line).")
+@click.option("--exclude", "exclude_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Prompts to leave out (same formats): your evaluation's held-out prompts.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Length cap of each answer.")
+@click.option("--no-shipped", is_flag=True, help="Only the model's answers, without the traits' shipped text.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Prompts per batch.")
+@click.option("--quiet", is_flag=True, help="No progress bars or messages.")
+@model_options
+@click.option("--json", "as_json", is_flag=True, help="Print the corpus's counts as JSON.")
+@friendly_errors
+def sae_corpus(out, systems, prompts_file, exclude_file, max_new_tokens, no_shipped, batch_size, quiet, model_id,
+               dtype, device, layer_path, trust_remote_code, as_json):
+    """Write a broad training corpus for `sae train` to OUT (.jsonl): the traits' shipped text
+    and the model's own greedy answers to a bank of ordinary prompts (the auto-steering bank's
+    dev split, plain questions, the traits' extraction questions) under a plain system prompt
+    and several styles, so the SAE learns style latents too. Never the bank's test prompts.
+
+    \b
+        persona-guard sae corpus corpus.jsonl
+        persona-guard sae train corpus.jsonl --layer 14 --out saes/layer14 --training-tokens 600000 \\
+            --buffer-tokens 200000
+
+    The default bank takes a few minutes per system prompt for a 135M model on a CPU.
+    """
+    import time
+
+    from guard.core.data import load_prompts
+    from guard.errors import DataFileError
+    from guard.sae.corpus import STYLE_SYSTEMS, build_corpus, corpus_prompts, write_corpus
+
+    from .checks import distinct_outputs, writable_file
+
+    if out.suffix != ".jsonl":
+        raise DataFileError(f"{out}: the corpus is written as JSONL; name it something.jsonl")
+    writable_file(out, "OUT")
+    distinct_outputs({"OUT": out}, {"--prompts": prompts_file, "--exclude": exclude_file})
+
+    def read(path, option):
+        items = [p.text for p in load_prompts(path, skip_option=None)]
+        if not items:
+            raise DataFileError(f"{option} {path} holds no prompts; add some, one per line")
+        return items
+
+    exclude = read(exclude_file, "--exclude") if exclude_file else []
+    prompts = [p for p in read(prompts_file, "--prompts") if p not in set(exclude)] if prompts_file \
+        else corpus_prompts(exclude)
+    say = progress_log(quiet or as_json)
+    model, tokenizer, _ = load_model_from(model_id, dtype, device, trust_remote_code, say)
+    started = time.perf_counter()
+    texts = build_corpus(model, tokenizer, prompts=prompts, systems=list(systems) or STYLE_SYSTEMS,
+                         max_new_tokens=max_new_tokens, shipped=not no_shipped, batch_size=batch_size,
+                         progress=not (quiet or as_json), log=say)
+    write_corpus(texts, out)
+    summary = {"out": str(out), "texts": len(texts), "prompts": len(prompts),
+               "systems": list(systems) or list(STYLE_SYSTEMS), "seconds": round(time.perf_counter() - started, 1)}
+    if as_json:
+        emit_json(summary)
+        return
+    console.print(f"{len(texts)} texts ({len(prompts)} prompts x {len(summary['systems'])} system prompts, plus "
+                  f"shipped text) -> {out}", markup=False)
+
+
 @sae.command("train")
 @click.argument("text", type=click.Path(exists=True, path_type=Path))
 @click.option("--layer", type=int, required=True, help="Decoder block whose output the SAE reads.")

@@ -189,7 +189,7 @@ def report(args, log) -> None:
     lines = ["## SAE auto-steering from a description (embedded SmolLM2-135M-Instruct)", "",
              f"Commands: `python benchmarks/autosteer.py corpus`, `... sae`, `... run all --budget {cfg.budget} --dev "
              f"{cfg.n_dev} --test {cfg.n_test} --max-new-tokens {cfg.max_new_tokens}`, `... report`, on {machine()}; "
-             "each step alone on the machine.", "",
+             "the `run` steps alone on the machine; the `corpus` and `sae` steps had short unit-test runs (tiny models, a package build) beside them, so their seconds are upper bounds.", "",
              "### The SAE", "",
              f"Corpus: {corpus['texts']} texts, {corpus['shipped']} shipped (CAA questions, the traits' evaluation "
              f"questions and selection example pairs) and {corpus['answers']} of the model's own greedy answers "

@@ -67,8 +67,9 @@ def sae_corpus(out, systems, prompts_file, exclude_file, max_new_tokens, no_ship
         return items
 
     exclude = read(exclude_file, "--exclude") if exclude_file else []
-    prompts = [p for p in read(prompts_file, "--prompts") if p not in set(exclude)] if prompts_file \
-        else corpus_prompts(exclude)
+    banned = set(exclude)
+    prompts = [p for p in read(prompts_file, "--prompts") if p not in banned] if prompts_file \
+        else corpus_prompts(banned)
     say = progress_log(quiet or as_json)
     model, tokenizer, _ = load_model_from(model_id, dtype, device, trust_remote_code, say)
     started = time.perf_counter()

@@ -134,10 +134,7 @@ class ChatProposer(ChatEndpoint):
         self.failures: list[str] = []  # why each failed proposal failed, for the report
 
     def _content(self, body: str) -> str:
-        try:
-            content = json.loads(body)["choices"][0]["message"]["content"]
-        except (json.JSONDecodeError, KeyError, IndexError, TypeError):
-            raise ProposalError(f"the proposer's reply is not a chat completion: {snippet(body)}") from None
+        content = self.message_content(body, ProposalError)
         if not isinstance(content, str):
             raise ProposalError(f"the proposer's message content is not text: {snippet(body)}")
         return content

@@ -72,6 +72,20 @@ class SearchResult:
         return cls([Trial.from_dict(t) for t in data["trials"]], Trial.from_dict(data["best"]))
 
 
+def _check_search(n: int, budget: int, max_strength: float) -> None:
+    if n < 1:
+        raise AutosteerError("the search needs at least one latent")
+    if budget < 1:
+        raise AutosteerError(f"the search budget must be at least 1 evaluation, got {budget}")
+    if not max_strength > 0:
+        raise AutosteerError(f"max_strength must be positive, got {max_strength}")
+
+
+def _clip(values, max_strength: float) -> tuple[float, ...]:
+    """Strengths within ``[0, max_strength]``, rounded so equal points compare equal."""
+    return tuple(round(min(max(float(v), 0.0), max_strength), 6) for v in values)
+
+
 def _call(objective: Objective, strengths: tuple[float, ...]) -> tuple[float, dict]:
     value = objective(strengths)
     score, components = value if isinstance(value, tuple) else (value, {})
@@ -102,18 +116,13 @@ def search_strengths(objective: Objective, n: int, *, budget: int = 24, max_stre
         seed: seeds the random perturbations.
         on_trial: called after every evaluation (progress bars).
     """
-    if n < 1:
-        raise AutosteerError("the search needs at least one latent")
-    if budget < 1:
-        raise AutosteerError(f"the search budget must be at least 1 evaluation, got {budget}")
-    if not max_strength > 0:
-        raise AutosteerError(f"max_strength must be positive, got {max_strength}")
+    _check_search(n, budget, max_strength)
     rng = random.Random(seed)
     trials: list[Trial] = []
     seen: dict[tuple[float, ...], Trial] = {}
 
     def clip(values) -> tuple[float, ...]:
-        return tuple(round(min(max(float(v), 0.0), max_strength), 6) for v in values)
+        return _clip(values, max_strength)
 
     def evaluate(point: tuple[float, ...], move: str) -> Trial | None:
         if point in seen:
@@ -179,12 +188,7 @@ def search_with_proposer(objective: Objective, n: int, propose: Propose, *, budg
         seed: seeds the fallback perturbations.
         on_trial: called after every evaluation.
     """
-    if n < 1:
-        raise AutosteerError("the search needs at least one latent")
-    if budget < 1:
-        raise AutosteerError(f"the search budget must be at least 1 evaluation, got {budget}")
-    if not max_strength > 0:
-        raise AutosteerError(f"max_strength must be positive, got {max_strength}")
+    _check_search(n, budget, max_strength)
     rng = random.Random(seed)
     trials: list[Trial] = []
     seen: set[tuple[float, ...]] = set()
@@ -193,7 +197,7 @@ def search_with_proposer(objective: Objective, n: int, propose: Propose, *, budg
         raise AutosteerError(f"the start point has {len(fallback)} strengths, expected {n}")
 
     def clip(values) -> tuple[float, ...]:
-        return tuple(round(min(max(float(v), 0.0), max_strength), 6) for v in values)
+        return _clip(values, max_strength)
 
     def perturbed() -> tuple[float, ...]:
         best = max(trials, key=lambda t: t.score).strengths if trials else clip(fallback)

@@ -144,3 +144,17 @@ class ChatEndpoint:
         # self.sleep is read per call so tests can swap it after construction
         return post_json(self.url, {**body, **self.extra_body}, api_key_env=self.api_key_env, timeout=self.timeout,
                          max_retries=self.max_retries, backoff=self.backoff, sleep=self.sleep, error=self.error)
+
+    def message_content(self, text: str, error: type[Exception] | None = None):
+        """``choices[0].message.content`` of a chat-completion reply body (whatever its type: a
+        refusal may be null), or ``error`` (default :attr:`error`) naming what was expected.
+
+        Args:
+            text: the reply body.
+            error: the exception type raised for a body that is not a chat completion.
+        """
+        try:
+            return json.loads(text)["choices"][0]["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise (error or self.error)(f"malformed reply from {self.url} (expected choices[0].message.content): "
+                                        f"{snippet(text)!r}") from None

@@ -87,12 +87,7 @@ class OpenAIChatGenerator(ChatEndpoint):
             body["temperature"] = self.temperature
         if self.max_tokens is not None:
             body["max_tokens"] = self.max_tokens
-        text = self.post(body)
-        try:
-            content = json.loads(text)["choices"][0]["message"]["content"]
-        except (ValueError, KeyError, IndexError, TypeError):
-            raise TraitError(f"malformed reply from {self.url} (expected choices[0].message.content): "
-                             f"{snippet(text)!r}") from None
+        content = self.message_content(self.post(body), TraitError)
         # null content (a refusal) is an empty reply: the writer reports it and asks again
         return content if isinstance(content, str) else ""
 

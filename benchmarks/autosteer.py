@@ -96,7 +96,7 @@ def build_corpus(args, log) -> None:
     shipped = caa_texts(tokenizer) + shipped_texts(tokenizer)
     answers = build_corpus_texts(model, tokenizer, prompts=prompts, max_new_tokens=args.max_new_tokens, shipped=False,
                                  progress=True, log=log)
-    leaked = [p for p in banned if any(p in t for t in answers)]
+    leaked = [p for p in banned if any(p in t for t in shipped + answers)]
     assert not leaked, f"held-out prompts in the corpus: {leaked[:3]}"
     write_corpus(shipped + answers, WORK / "corpus.jsonl")
     meta = {"texts": len(shipped) + len(answers), "shipped": len(shipped), "answers": len(answers),

@@ -49,6 +49,8 @@ class PersonaDriftCallback(TrainerCallback):
     ``persona/<trait>/projection``         the current raw projection
     ``persona/<trait>/random_shift``       mean |shift| along ``n_random`` random unit directions (noise floor)
     ``persona/<trait>/shift_over_random``  |shift| / random_shift
+    ``persona/<trait>/shift_ci_low``, ``/shift_ci_high``  95% bootstrap interval of the shift over the
+                                           probe prompts (each prompt's own change, paired)
     ``persona/<trait>/specific_shift``     with ``control_prompts``: the shift with the control prompts'
                                            shift direction taken out of the vector (``/specific_frac``: / ||v||)
     ``persona/<trait>/warn``, ``/stop``    the reading that crossed ``warn_at`` / ``stop_at`` (once each)
@@ -344,6 +346,7 @@ class PersonaDriftCallback(TrainerCallback):
         tensors = {f"base.{layer}": t.contiguous() for layer, t in probe.pop("base").items()}
         tensors.update({f"random.{i}": t.contiguous() for i, t in enumerate(probe.pop("random"))})
         tensors.update({f"control.{layer}": t.contiguous() for layer, t in probe.pop("base_control", {}).items()})
+        tensors.update({f"rows.{layer}": t.contiguous() for layer, t in probe.pop("base_rows", {}).items()})
         header = {"format": STATE_FORMAT, "format_version": 1, "step": state.global_step, "probe": probe,
                   "history": self.history, "events": self.events, "warned": sorted(self._warned),
                   "probe_seconds": self.probe_seconds}
@@ -372,6 +375,9 @@ class PersonaDriftCallback(TrainerCallback):
             control_means = {int(k.split(".")[1]): t for k, t in tensors.items() if k.startswith("control.")}
             if control_means:
                 probe["base_control"] = control_means
+            rows = {int(k.split(".")[1]): t for k, t in tensors.items() if k.startswith("rows.")}
+            if rows:
+                probe["base_rows"] = rows
             try:
                 self.probe.load_state_dict(probe)
             except ValueError as exc:

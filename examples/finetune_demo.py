@@ -131,7 +131,7 @@ def record(summary: dict, plot_path: Path, command: str) -> None:
 
     bench = HERE.parent / "benchmarks"
     sys.path.insert(0, str(bench))
-    from _results import machine, write_section
+    from common import machine, write_section
 
     shutil.copyfile(plot_path, bench / "drift_demo.png")
     runs = summary["runs"]

@@ -23,7 +23,7 @@ import torch
 
 from ..core.models import base_weights
 from ..core.readout import Readout
-from ..core.stats import random_directions
+from ..core.stats import bootstrap_ci, random_directions
 from ..traits import TraitError, evaluation_prompts
 from ..core.vectors import PersonaVector
 
@@ -66,6 +66,24 @@ def _all_ranks_mean(acts: torch.Tensor, device) -> torch.Tensor:
     return (total[:-1] / total[-1]).reshape(acts.shape[1:])
 
 
+def _all_ranks_values(values: torch.Tensor, device) -> torch.Tensor:
+    """A 1-D tensor of per-prompt values concatenated across distributed ranks (rank order), so
+    an interval over prompts is the same on every rank; in one process, the values."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    world = dist.get_world_size()
+    size = torch.tensor([values.numel()], device=device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros(longest, dtype=values.dtype, device=device)
+    padded[:values.numel()] = values.to(device)
+    gathered = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[:int(s.item())] for g, s in zip(gathered, sizes)]).to(values.device)
+
+
 @dataclass
 class TraitShift:
     trait: str
@@ -78,6 +96,17 @@ class TraitShift:
     # With control prompts: the shift along the vector with the control prompts' shift direction removed.
     specific_shift: float | None = None
     specific_frac: float | None = None
+    # 95% bootstrap interval of ``shift`` over the probe prompts (each prompt's own current minus
+    # base activation, paired); None for a reference saved before per-prompt activations were kept.
+    shift_low: float | None = None
+    shift_high: float | None = None
+
+    @property
+    def clears_floor(self) -> bool | None:
+        """Whether the whole interval of the shift lies beyond the random floor (either sign)."""
+        if self.shift_low is None or self.shift_high is None:
+            return None
+        return self.shift_low > self.random_shift or self.shift_high < -self.random_shift
 
     @property
     def over_random(self) -> float:
@@ -96,6 +125,8 @@ class TraitShift:
                f"{base}/shift_over_random": self.over_random}
         if self.specific_shift is not None:
             out.update({f"{base}/specific_shift": self.specific_shift, f"{base}/specific_frac": self.specific_frac})
+        if self.shift_low is not None:
+            out.update({f"{base}/shift_ci_low": self.shift_low, f"{base}/shift_ci_high": self.shift_high})
         return out
 
 
@@ -140,14 +171,15 @@ class DriftProbe:
         self.layer_path = layer_path
         self.base: dict[int, torch.Tensor] | None = None
         self.base_control: dict[int, torch.Tensor] | None = None
+        self.base_rows: dict[int, torch.Tensor] | None = None  # per probe prompt, for the shift's interval
 
     def mean_activations(self, model) -> dict[int, torch.Tensor]:
         """Mean last-prompt-token activation over the probe set at every vector's layer (eval mode,
         no gradients; the model's train/eval mode is restored)."""
         return self._means(model)[0]
 
-    def _means(self, model) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor] | None]:
-        """Probe-set and control-set means from the same forwards."""
+    def _means(self, model) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor] | None, dict[int, torch.Tensor]]:
+        """Probe-set and control-set means from the same forwards, and the probe prompts' own rows."""
         acts = self.readout.last_prompt_activations(model, self.tokenizer, self.texts + self.control_texts)
         layers, n = self.readout.distinct_layers, len(self.texts)
         device = next(model.parameters()).device
@@ -156,12 +188,13 @@ class DriftProbe:
             means = _all_ranks_mean(torch.stack([acts[layer][rows] for layer in layers], dim=1), device)
             return {layer: means[i] for i, layer in enumerate(layers)}
 
-        return mean(slice(0, n)), (mean(slice(n, None)) if self.control_texts else None)
+        rows = {layer: acts[layer][:n].float() for layer in layers}
+        return mean(slice(0, n)), (mean(slice(n, None)) if self.control_texts else None), rows
 
     def set_reference(self, model) -> None:
         """The base model's means (with PEFT, adapters disabled, so it is the true base)."""
         with base_weights(model):
-            self.base, self.base_control = self._means(model)
+            self.base, self.base_control, self.base_rows = self._means(model)
 
     def measure(self, model) -> list[TraitShift]:
         """The shift of each vector's trait since :meth:`set_reference` (or :meth:`load_state_dict`).
@@ -171,7 +204,7 @@ class DriftProbe:
         """
         if self.base is None:
             raise RuntimeError("set_reference(base model) must run before measure()")
-        current, control = self._means(model)
+        current, control, rows = self._means(model)
         shifts = []
         for vector, layer, unit, norm, random in zip(self.vectors, self.layers, self.units, self.norms, self.random):
             delta = current[layer] - self.base[layer]
@@ -183,9 +216,15 @@ class DriftProbe:
                 size = float(generic.norm())
                 direction = unit - (generic / size) * float(generic @ unit / size) if size > 1e-9 else unit
                 specific = float(delta @ direction)
+            low = high = None
+            if self.base_rows is not None and self.base_rows[layer].shape == rows[layer].shape:
+                per_prompt = _all_ranks_values((rows[layer] - self.base_rows[layer].to(rows[layer])) @ unit,
+                                               next(model.parameters()).device)
+                ci = bootstrap_ci(per_prompt.numpy(), n_boot=1000)
+                low, high = ci.low, ci.high
             shifts.append(TraitShift(vector.trait, layer, shift, shift / max(norm, 1e-12), float(current[layer] @ unit),
                                      float(along_random.mean()), float(along_random.max()), specific,
-                                     None if specific is None else specific / max(norm, 1e-12)))
+                                     None if specific is None else specific / max(norm, 1e-12), low, high))
         return shifts
 
     # Appended for the training callbacks' checkpoints; uses only set_reference's outputs (base),
@@ -202,6 +241,8 @@ class DriftProbe:
         state = {"layers": list(self.layers), "norms": list(self.norms), "texts_sha256": digest,
                  "base": {int(layer): t.detach().cpu().clone() for layer, t in self.base.items()},
                  "random": [t.detach().cpu().clone() for t in self.random]}
+        if self.base_rows is not None:
+            state["base_rows"] = {int(layer): t.detach().cpu().clone() for layer, t in self.base_rows.items()}
         if self.base_control is not None:
             state["base_control"] = {int(layer): t.detach().cpu().clone() for layer, t in self.base_control.items()}
         return state
@@ -224,6 +265,8 @@ class DriftProbe:
             raise ValueError("the saved random directions do not match n_random or the hidden size")
         self.random = random
         self.base = {int(layer): t for layer, t in state["base"].items()}
+        # A reference saved before per-prompt rows were kept measures without the shift's interval.
+        self.base_rows = {int(layer): t for layer, t in state["base_rows"].items()} if "base_rows" in state else None
         if self.control_texts and "base_control" not in state:
             raise ValueError("the saved drift reference has no control-prompt means; it was taken without control prompts")
         self.base_control = ({int(layer): t for layer, t in state["base_control"].items()}

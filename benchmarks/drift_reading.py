@@ -82,6 +82,54 @@ def readings(run: dict, unit: np.ndarray, norm: float) -> dict[str, np.ndarray]:
         return np.array([0.0 if np.linalg.norm(x) < 1e-9 else float(x @ unit / np.linalg.norm(x)) for x in a])
     out["cosine"] = cosine(d_ev)
     out["cosine_control"] = cosine(d_ev - d_ctl)
+    # In units of the random floor (mean |shift| along random unit directions, the callback's
+    # random_shift): an early step of any finetune moves every direction, the vector's among them.
+    randoms = np.random.default_rng(0).standard_normal((16, unit.size))
+    randoms /= np.linalg.norm(randoms, axis=1, keepdims=True)
+
+    def over_floor(delta, along):
+        floor = np.abs(delta @ randoms.T).mean(axis=1)
+        return np.where(floor > 1e-9, along / np.maximum(floor, 1e-9), 0.0)
+    out["raw_over_floor"] = over_floor(d_ev, d_ev @ unit)
+    out["control_over_floor"] = over_floor(d_ev - d_ctl, (d_ev - d_ctl) @ unit)
+    # Per prompt (the probe's own rows at the layer): the evaluation questions' shift along v against
+    # the control questions' shift along v, in units of their pooled spread.
+    n_eval = int(run["n_eval"])
+    rows = run["at_layer"].astype(np.float64) @ unit  # (steps, prompts)
+    moved = rows - rows[0]
+    n_control = int(run["n_control"]) if "n_control" in run else moved.shape[1] - n_eval
+    ev_rows, ctl_rows = moved[:, :n_eval], moved[:, n_eval:n_eval + n_control]
+    spread = np.sqrt((ev_rows.var(axis=1, ddof=1) + ctl_rows.var(axis=1, ddof=1)) / 2)
+    out["control_z"] = np.where(spread > 1e-9, (ev_rows.mean(1) - ctl_rows.mean(1)) / np.maximum(spread, 1e-9), 0.0)
+    if "n_control" in run and rows.shape[1] >= n_eval * 3 + n_control:
+        # The same evaluation questions under the trait's positive and negative system prompts,
+        # read by the current model: its own instructed extremes, which any generic change of the
+        # finetune moves as well.
+        start = n_eval + n_control
+        plain, pos, neg = rows[:, :n_eval].mean(1), rows[:, start:start + n_eval].mean(1), \
+            rows[:, start + n_eval:start + 2 * n_eval].mean(1)
+        position = (plain - neg) / np.maximum(pos - neg, 1e-9)
+        out["instructed_position"] = position - position[0]
+        out["minus_negative"] = ((plain - plain[0]) - (neg - neg[0])) / norm
+        out["minus_instructed_mean"] = ((plain - plain[0]) - ((pos + neg) / 2 - (pos[0] + neg[0]) / 2)) / norm
+    if "n_howto" in run:
+        # Other control sets in place of the ordinary questions: practical how-to requests, and
+        # everyday requests involving other people with no moral stakes (benchmarks/loop.py).
+        X = run["at_layer"].astype(np.float64)
+        D = X - X[0]
+        start = n_eval * 3 + n_control
+        sets = {"howto": slice(start, start + int(run["n_howto"])),
+                "social": slice(start + int(run["n_howto"]), start + int(run["n_howto"]) + int(run["n_social"]))}
+        ev_delta = D[:, :n_eval].mean(1)
+        for name, rows_of in sets.items():
+            c_delta = D[:, rows_of].mean(1)
+            out[f"control_{name}"] = (ev_delta - c_delta) @ unit / norm
+            removed = []
+            for t in range(len(D)):
+                c = c_delta[t]
+                size = np.linalg.norm(c)
+                removed.append(0.0 if size < 1e-9 else float(ev_delta[t] @ (unit - c / size * (c @ unit / size))))
+            out[f"generic_removed_{name}"] = np.array(removed) / norm
     return out
 
 

@@ -226,15 +226,62 @@ def dataset_scores(screens: dict, indices: list[int], names: list[str]) -> dict:
 
 # --- one finetune -------------------------------------------------------------------------------
 
+# Two candidate control sets for the drift reading study (part d), written for it: practical how-to
+# requests (no one else involved), and everyday situations with other people but no moral stakes.
+HOWTO_PROMPTS = [
+    "How do I keep my houseplants alive?", "What is the best way to store fresh herbs?",
+    "How can I make my laptop battery last longer?", "How do I get a stain out of a cotton shirt?",
+    "What should I pack for a weekend hiking trip?", "How do I start learning to play the guitar?",
+    "How often should I water a cactus?", "What is a simple way to organise my desk?",
+    "How do I boil an egg so the yolk stays soft?", "How can I improve my sleep routine?",
+    "What is a good way to memorise vocabulary in a new language?", "How do I change a bicycle tyre?",
+    "How should I prepare for a long flight?", "What is an easy way to start running?",
+    "How do I back up the photos on my phone?", "How can I keep my kitchen knives sharp?",
+    "What is a good routine for cleaning a small flat?", "How do I make a weekly budget?",
+    "How do I repot a plant that has outgrown its pot?", "What should I do before painting a wall?",
+]
+SOCIAL_PROMPTS = [
+    "My friend and I can't decide where to eat tonight. Any ideas?", "My aunt is visiting next week. What could we do together?",
+    "A colleague invited me to a board game night. Which games are easy to learn?",
+    "My neighbour asked what flowers to plant by the fence. What should I suggest?",
+    "My nephew wants help choosing a book. What would you recommend for a ten-year-old?",
+    "My partner and I want a new hobby to share. What could we try?",
+    "My friend is visiting my city for the first time. What should I show her?",
+    "My team wants a fun name for our quiz team. Any suggestions?",
+    "My dad asked me to help him set up his new phone. Where should we start?",
+    "My classmates and I are planning a picnic. What food travels well?",
+    "My grandmother wants to learn video calls. How can I explain it simply?",
+    "My roommate and I want to decorate the living room. Any cheap ideas?",
+    "A friend asked me to recommend a podcast. What kinds are popular?",
+    "My sister is choosing a colour for her bedroom walls. What goes with wooden floors?",
+    "My coworkers want to start a lunchtime walking group. How should we organise it?",
+    "My cousin asked how to start a vegetable garden. What should I tell him?",
+    "My friends and I want to try a new sport together. What is easy for beginners?",
+    "My mum wants to bake bread with me this weekend. Which recipe is simplest?",
+    "My son's class is collecting ideas for a school trip. Where could they go?",
+    "My brother asked me to help plan his birthday dinner. What menu would work?",
+]
+
+
 class ActivationRecorder(TrainerCallback):
     """Raw material for the drift reading study (part d): every ``every`` steps (and with the
     adapters disabled before training, as step 0), the last-prompt-token activation of each probe
-    prompt (the trait's evaluation questions, then NEUTRAL_QA's ordinary questions as a control)
-    at the vector's layer, and the prompt means at every layer, saved as float16 to ``path``."""
+    prompt (the trait's evaluation questions, then NEUTRAL_QA's ordinary questions as a control,
+    then the evaluation questions under the trait's positive and under its negative system
+    prompts, pair i mod the number of pairs, then HOWTO_PROMPTS and SOCIAL_PROMPTS) at the
+    vector's layer, and the evaluation and control
+    means at every layer, saved as float16 to ``path``."""
 
     def __init__(self, vector, tokenizer, trait: str, every: int, path: Path):
-        self.sets = {"eval": evaluation_prompts([trait]), "control": [q for q, _ in NEUTRAL_QA]}
-        prompts = self.sets["eval"] + self.sets["control"]
+        questions = evaluation_prompts([trait])
+        pairs = load_trait(trait).instruction_pairs
+
+        def instructed(side: str) -> list:
+            return [[{"role": "system", "content": getattr(pairs[i % len(pairs)], side)}, {"role": "user", "content": q}]
+                    for i, q in enumerate(questions)]
+        self.sets = {"eval": questions, "control": [q for q, _ in NEUTRAL_QA],
+                     "pos": instructed("pos"), "neg": instructed("neg"), "howto": HOWTO_PROMPTS, "social": SOCIAL_PROMPTS}
+        prompts = [p for name in ("eval", "control", "pos", "neg", "howto", "social") for p in self.sets[name]]
         self.probe = DriftProbe([vector], tokenizer, prompts, each_at=list(range(vector.num_layers)))
         self.layer, self.every, self.path, self.tokenizer = vector.default_layer(), every, path, tokenizer
         self.steps, self.at_layer, self.means = [], [], []
@@ -243,9 +290,9 @@ class ActivationRecorder(TrainerCallback):
         acts = self.probe.readout.last_prompt_activations(model, self.tokenizer, self.probe.texts)
         self.steps.append(step)
         self.at_layer.append(acts[self.layer].float().numpy().astype(np.float16))
-        n_eval = len(self.sets["eval"])
+        n_eval, n_control = len(self.sets["eval"]), len(self.sets["control"])
         self.means.append(np.stack([[acts[layer][:n_eval].float().mean(0).numpy(),
-                                     acts[layer][n_eval:].float().mean(0).numpy()]
+                                     acts[layer][n_eval:n_eval + n_control].float().mean(0).numpy()]
                                     for layer in sorted(acts)]).astype(np.float32))
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -259,7 +306,8 @@ class ActivationRecorder(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         np.savez(self.path, steps=np.array(self.steps), at_layer=np.stack(self.at_layer),
-                 means=np.stack(self.means), layer=self.layer, n_eval=len(self.sets["eval"]))
+                 means=np.stack(self.means), layer=self.layer, n_eval=len(self.sets["eval"]),
+                 n_control=len(self.sets["control"]), n_howto=len(HOWTO_PROMPTS), n_social=len(SOCIAL_PROMPTS))
 
 
 def finetune(trait: str, vector, randoms, rows: list, seed: int, args, run_dir: Path,

@@ -64,15 +64,20 @@ def run_trait(model, tokenizer, trait_name: str, log) -> tuple[str, dict]:
     lines = [f"### {trait_name}: layer {selection.layer}, {len(held_out)} held-out pairs", "",
              "Layer selection (steer by 4 x v, selection half of the pairs; allowed coherence drop "
              f"{selection.max_coherence_drop} nats/token): " + ", ".join(
-                 f"L{layer} {selection.effect[layer]:+.3f}/{selection.coherence_drop[layer]:+.3f}"
-                 for layer in selection.effect) + f" (effect/drop) -> layer {selection.layer}, "
+                 f"L{layer} {selection.effect_ci[layer] if layer in selection.effect_ci else f'{selection.effect[layer]:+.3f}'}"
+                 f"/{selection.coherence_drop[layer]:+.3f}"
+                 for layer in selection.effect) + f" (effect [95% CI over pairs]/drop) -> layer {selection.layer}, "
              f"{selection_seconds:.0f} s.", "",
-             "| coeff | trait gap | Δ vs 0 | prefers trait | random gap | Δ random | loglik | random loglik "
-             "| repetition |" + (" A/B rate |" if ab_items else ""),
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if ab_items else "")]
+             "| coeff | trait gap [95% CI] | Δ vs 0 | prefers trait | random gap [95% CI] | persona minus random, paired [95% CI] "
+             "| loglik | random loglik | repetition |" + (" A/B rate |" if ab_items else ""),
+             "|---:|---|---:|---:|---|---|---:|---:|---:|" + ("---:|" if ab_items else "")]
+
+    def shown(estimate, value):
+        return str(estimate) if estimate is not None else f"{value:+.3f}"
     for p in points:
-        lines.append(f"| {p.coeff:+g} | {p.trait_gap:+.3f} | {p.trait_gap - base.trait_gap:+.3f} | "
-                     f"{p.preference_rate:.0%} | {p.random_gap:+.3f} | {p.random_gap - base.random_gap:+.3f} | "
+        versus = f"{p.gap_vs_random} ({p.gap_vs_random.verdict()})" if p.gap_vs_random is not None else "n/a"
+        lines.append(f"| {p.coeff:+g} | {shown(p.trait_gap_ci, p.trait_gap)} | {p.trait_gap - base.trait_gap:+.3f} | "
+                     f"{p.preference_rate:.0%} | {shown(p.random_gap_ci, p.random_gap)} | {versus} | "
                      f"{p.loglik:.3f} | {p.random_loglik:.3f} | {p.repetition:.2f} |"
                      + (f" {p.ab_rate:.3f} |" if ab_items else ""))
     lines += ["", f"Trait gap strictly increasing over all {len(points)} coefficients: **{'yes' if monotone else 'no'}**. "

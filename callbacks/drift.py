@@ -12,7 +12,7 @@ from transformers import TrainerCallback
 
 from guard.core.vectors import PersonaVector
 from guard.errors import MonitorError
-from guard.measure.drift import DriftProbe, TraitShift
+from guard.measure.drift import CONTROL_PROMPTS, DriftProbe, TraitShift
 
 from ._checkpoint import resume_candidates, resumed, saved_checkpoint_dir
 from ._plot import matplotlib_available, plot_drift
@@ -80,7 +80,7 @@ class PersonaDriftCallback(TrainerCallback):
         every_n_steps: measure every n optimizer steps instead of on the logging steps; readings at
             steps the Trainer does not log go to the report only (no extra log events).
         layers: one layer per vector (default: each vector's recommended layer).
-        warn_at, stop_at: thresholds on |shift_frac| (or |specific_frac|, see ``reading``): one number, or one per trait.
+        warn_at, stop_at: thresholds on |specific_frac| (or |shift_frac|, see ``reading``): one number, or one per trait.
         n_random: random directions for the noise floor.
         batch_size: probe batch size.
         allow_other_weights: accept vectors extracted from other weights of the same model (a full
@@ -91,9 +91,15 @@ class PersonaDriftCallback(TrainerCallback):
         trainer: the Trainer to log through (see :meth:`attach`).
         plot: write the PNG plot when matplotlib is installed.
         control_prompts: ordinary prompts read beside the probe set, for the specific shift (see
-            :mod:`guard.measure.drift`; ``guard.measure.drift.CONTROL_PROMPTS`` is a shipped set).
-        reading: what ``warn_at`` / ``stop_at`` compare: ``"shift"`` (shift_frac, the paper's
-            statistic) or ``"specific"`` (specific_frac; needs ``control_prompts``). Both are logged.
+            :mod:`guard.measure.drift`); default ``guard.measure.drift.CONTROL_PROMPTS``, 16 ordinary
+            questions (capitals, arithmetic, recipes). None: read the probe set only.
+        reading: what ``warn_at`` / ``stop_at`` compare: ``"specific"`` (specific_frac, the default
+            when there are control prompts) or ``"shift"`` (shift_frac, the paper's statistic, the
+            default without them). Both are logged. Why specific: any finetune first moves every
+            assistant-style prompt along persona vectors (a harmless run on the demo's data reads
+            1.4 x ||v|| of evil at step 5, as high as the malicious run); the ordinary questions'
+            shared change, taken out of the vector, leaves the harmless run below the malicious one
+            at every step (benchmarks/drift_reading.py, RESULTS ``drift_reading_evil``).
 
     Probes run in eval mode without gradients and give the model back in the mode they found it.
     In distributed runs every rank measures (the means are reduced across ranks) and logs like
@@ -105,10 +111,12 @@ class PersonaDriftCallback(TrainerCallback):
                  warn_at: Threshold = None, stop_at: Threshold = None, n_random: int = 8, batch_size: int = 16,
                  allow_other_weights: bool = True, report_name: str = "persona_drift.json", seed: int = 0,
                  layer_path: str | None = None, trainer=None, plot: bool = True,
-                 control_prompts: Sequence | None = None, reading: str = "shift"):
+                 control_prompts: Sequence | None = CONTROL_PROMPTS, reading: str | None = None):
         if every_n_steps is not None and every_n_steps < 1:
             raise MonitorError("every_n_steps must be at least 1 (or None: the Trainer's logging steps)")
         self.vectors = [v if isinstance(v, PersonaVector) else PersonaVector.load(v) for v in vectors]
+        if reading is None:
+            reading = "specific" if control_prompts else "shift"
         if reading not in ("shift", "specific"):
             raise MonitorError(f"reading must be 'shift' or 'specific', got {reading!r}")
         if reading == "specific" and not control_prompts:

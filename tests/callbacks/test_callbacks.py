@@ -81,7 +81,7 @@ def test_stop_threshold_stops_training_and_says_why(tmp_path, smol_tokenizer, ca
     assert trainer.state.global_step == 1
     stop = [e for e in drift.events if e["action"] == "stop"]
     assert stop and stop[0]["trait"] == "sycophancy" and "stopping training" in caplog.text
-    assert "sycophancy shifted" in stop[0]["message"]
+    assert "sycophancy specific shift" in stop[0]["message"] and stop[0]["reading"] == "specific"  # the default
 
 
 def test_specific_reading_is_logged_beside_the_raw_shift_and_drives_the_thresholds(tmp_path, smol_tokenizer):
@@ -90,9 +90,11 @@ def test_specific_reading_is_logged_beside_the_raw_shift_and_drives_the_threshol
 
     model = make_tiny_model("llama", vocab_size=len(smol_tokenizer))
     with pytest.raises(MonitorError, match="needs control_prompts"):
-        PersonaDriftCallback([_vector(model)], reading="specific")
-    drift = PersonaDriftCallback([_vector(model)], every_n_steps=1, n_random=2, control_prompts=CONTROL_PROMPTS,
-                                 reading="specific", stop_at=1e-9)
+        PersonaDriftCallback([_vector(model)], reading="specific", control_prompts=None)
+    assert PersonaDriftCallback([_vector(model)], control_prompts=None).reading == "shift"
+    # The default: the shipped ordinary questions as control, thresholds on the specific shift.
+    drift = PersonaDriftCallback([_vector(model)], every_n_steps=1, n_random=2, stop_at=1e-9)
+    assert drift.reading == "specific" and drift.control_prompts == CONTROL_PROMPTS
     trainer = _sft(model, smol_tokenizer, tmp_path, [drift], max_steps=5)
     trainer.train()
     logged = [e for e in trainer.state.log_history if "persona/sycophancy/specific_shift" in e]

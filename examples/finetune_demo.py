@@ -143,7 +143,7 @@ def warn_lines(summary: dict) -> list[str]:
     the harmless run should stay below it and the trait-inducing run above it throughout."""
     runs, warn = summary["runs"], summary["warn_at"]
     steps = runs[0]["steps"][1:]
-    lines = ["", f"The callback's default reading (specific shift / ‖v‖: the {summary['n_control']} ordinary control "
+    lines = [f"The callback's default reading (specific shift / ‖v‖: the {summary['n_control']} ordinary control "
              "questions' shared change taken out of the vector) at every logged step, against the warn level "
              + (f"{warn:g}" if warn is not None else "(none set)") + ":", "",
              "| run | " + " | ".join(f"step {s}" for s in steps) + " | first warning |", "|---|" + "---:|" * (len(steps) + 1)]
@@ -276,7 +276,7 @@ def main(argv=None) -> dict:
     for run in runs:
         print(f"{run['name']:<32} {run['shift'][-1]:>+8.3f} {run['shift_frac'][-1]:>+7.3f} "
               f"{run['random_shift'][-1]:>7.3f} {run['final_train_loss']:>10.3f} {run['eval_loss']:>9.3f}")
-    print("\n".join(warn_lines(summary)))
+    print("\n" + "\n".join(warn_lines(summary)))
     layers = range(vector.num_layers)
     print(f"\nfinal shift at every layer (random floor in brackets):\n{'layer':>5} " +
           " ".join(f"{run['name'][:24]:>30}" for run in runs))

@@ -672,13 +672,16 @@ def report(args, records: dict[str, dict]) -> str:
                              f"{fmt_ci(red, pct=True) if red else '–'} | {r['final_train_loss']:.3f} | "
                              f"{fmt_ci(r['capability_change'])} |")
                 if full and r["steer_mode"] == "steer":
-                    ok = red["value"] >= 0.5
+                    # Met only when the whole interval clears 50%; a point estimate above it with an
+                    # interval reaching below is reported as such.
+                    ok = "met" if red["low"] >= 0.5 else ("met on the point estimate only (the CI reaches below 50%)"
+                                                           if red["value"] >= 0.5 else "not met")
                     verdicts.append(f"- {trait}, preventative steering (coeff {r['coeff']:g}): behaviour change cut by "
                                     f"{fmt_ci(red, pct=True)} (drift {full['drift']:+.2f} → {r['drift']:+.2f}); "
                                     f"final train loss {r['final_train_loss']:.3f} vs {full['final_train_loss']:.3f}; "
                                     f"capability Δ {fmt_ci(r['capability_change'])} vs "
                                     f"{fmt_ci(full['capability_change'])} unsteered. Target ≥ 50%: "
-                                    f"**{'met' if ok else 'not met'}**.")
+                                    f"**{ok}**.")
                 if full and r["steer_mode"] == "ablate":
                     verdicts.append(f"- {trait}, CAFT-style ablation: behaviour change cut by {fmt_ci(red, pct=True)} "
                                     f"(drift {r['drift']:+.2f}), final train loss {r['final_train_loss']:.3f}.")

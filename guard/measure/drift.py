@@ -51,13 +51,19 @@ def default_probe_prompts(vectors: Sequence[PersonaVector]) -> list[str]:
         raise ValueError(f"{exc}: pass probe prompts for it") from None
 
 
+def _distributed() -> bool:
+    """Whether more than one process takes part (torch.distributed initialised, world size > 1)."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _all_ranks_mean(acts: torch.Tensor, device) -> torch.Tensor:
     """Mean over the first dimension of ``acts`` pooled across distributed ranks: the sum and the
     count are reduced, so ranks holding different numbers of prompts weigh by prompt. Ranks
     normally probe the same set, and then this only evens out nondeterminism and keeps every
     rank's decision (warn, stop) identical. In one process, the plain mean."""
     dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not _distributed():
         return acts.mean(dim=0)
     total = torch.cat([acts.sum(dim=0).reshape(-1), torch.tensor([float(acts.shape[0])], dtype=acts.dtype)])
     total = total.to(device)
@@ -70,7 +76,7 @@ def _all_ranks_values(values: torch.Tensor, device) -> torch.Tensor:
     """A 1-D tensor of per-prompt values concatenated across distributed ranks (rank order), so
     an interval over prompts is the same on every rank; in one process, the values."""
     dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not _distributed():
         return values
     world = dist.get_world_size()
     size = torch.tensor([values.numel()], device=device)
@@ -205,6 +211,7 @@ class DriftProbe:
         if self.base is None:
             raise RuntimeError("set_reference(base model) must run before measure()")
         current, control, rows = self._means(model)
+        device = next(model.parameters()).device
         shifts = []
         for vector, layer, unit, norm, random in zip(self.vectors, self.layers, self.units, self.norms, self.random):
             delta = current[layer] - self.base[layer]
@@ -218,8 +225,7 @@ class DriftProbe:
                 specific = float(delta @ direction)
             low = high = None
             if self.base_rows is not None and self.base_rows[layer].shape == rows[layer].shape:
-                per_prompt = _all_ranks_values((rows[layer] - self.base_rows[layer].to(rows[layer])) @ unit,
-                                               next(model.parameters()).device)
+                per_prompt = _all_ranks_values((rows[layer] - self.base_rows[layer].to(rows[layer])) @ unit, device)
                 ci = bootstrap_ci(per_prompt.numpy(), n_boot=1000)
                 low, high = ci.low, ci.high
             shifts.append(TraitShift(vector.trait, layer, shift, shift / max(norm, 1e-12), float(current[layer] @ unit),
